@@ -1,0 +1,225 @@
+"""Text-guided inpainting with Stable Diffusion 1.5 and a BrushNet."""
+
+from typing import Any, Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from ..models import BrushNetModel
+from .base import BrushNetPipelineMixin, brushnet_scale_schedule
+
+
+class StableDiffusionBrushNetPipeline(
+    BrushNetPipelineMixin,
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    IPAdapterMixin,
+    FromSingleFileMixin,
+):
+    """Inpainting with a frozen SD1.5 UNet and a BrushNet branch (Ju et al., ECCV 2024).
+
+    Masks: white = region to fill. The image may be the original or already have the hole blacked
+    out; the result is the same.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->brushnet->unet->vae"
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    # Prompt, IP-Adapter and scheduler helpers are stock diffusers', used as they are.
+    encode_prompt = StableDiffusionPipeline.encode_prompt
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+    run_safety_checker = StableDiffusionPipeline.run_safety_checker
+    prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
+    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+    guidance_scale = StableDiffusionPipeline.guidance_scale
+    clip_skip = StableDiffusionPipeline.clip_skip
+    do_classifier_free_guidance = StableDiffusionPipeline.do_classifier_free_guidance
+    cross_attention_kwargs = StableDiffusionPipeline.cross_attention_kwargs
+    num_timesteps = StableDiffusionPipeline.num_timesteps
+    interrupt = StableDiffusionPipeline.interrupt
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        brushnet: BrushNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker=None,
+        feature_extractor: CLIPImageProcessor = None,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__()
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("A safety checker needs a feature_extractor; pass one or safety_checker=None.")
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, brushnet=brushnet,
+            scheduler=scheduler, safety_checker=safety_checker, feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self._init_processors()
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        mask=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        brushnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        *,
+        mask_image=None,
+        blend: bool = False,
+        blend_kernel: int = 21,
+    ):
+        """Inpaint `image` where `mask` is white, guided by `prompt`.
+
+        Arguments are those of the reference `StableDiffusionBrushNetPipeline` (and of diffusers'
+        ControlNet pipelines), plus `mask_image` (alias of `mask`), `blend` (paste the result over
+        the original through a blurred mask, kernel `blend_kernel`). Unknown keywords raise
+        `TypeError`. Returns `StableDiffusionPipelineOutput(images, nsfw_content_detected)`.
+        """
+        # 1. Check inputs
+        mask = _resolve_mask(mask, mask_image)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give `prompt` or `prompt_embeds`.")
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        scale, start, end = self.check_brushnet_inputs(
+            image, mask, height, width, batch_size, num_images_per_prompt, generator,
+            brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
+        )
+        _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        total = batch_size * num_images_per_prompt
+
+        # 2. Encode the prompt
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        unet_kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs}
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
+            )
+            unet_kwargs["added_cond_kwargs"] = {"image_embeds": image_embeds}
+
+        # 3. Prepare image, mask and the branch's conditioning latents
+        pixels, hole, conditioning = self.prepare_brushnet_inputs(image, mask, height, width, total, device)
+        height, width = pixels.shape[-2:]
+
+        # 4. Timesteps and initial latents
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        self._num_timesteps = len(timesteps)
+        latents = self.prepare_latents(
+            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance = torch.tensor(self.guidance_scale - 1).repeat(total)
+            unet_kwargs["timestep_cond"] = self.get_guidance_scale_embedding(
+                guidance, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        scales = brushnet_scale_schedule(scale, start, end, len(timesteps))
+
+        # 5. Denoise
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.predict_noise(
+                    latent_model_input, t, prompt_embeds, conditioning, scales[i],
+                    guess_mode=guess_mode, unet_kwargs=unet_kwargs,
+                )
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                 "negative_prompt_embeds": negative_prompt_embeds}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 6. Decode, check safety, blend, post-process
+        if output_type == "latent":
+            images, nsfw = latents, None
+        else:
+            decoded = self.vae.decode(
+                latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
+            )[0]
+            decoded, nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
+            images = self.finish_images(decoded, pixels, hole, output_type, blend, blend_kernel, nsfw)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
+def _resolve_mask(mask, mask_image):
+    if mask is not None and mask_image is not None:
+        raise TypeError("Pass the mask once: `mask` and `mask_image` are the same argument.")
+    return mask if mask is not None else mask_image
+
+
+def _check_callback_inputs(pipe, names) -> None:
+    unknown = [k for k in names if k not in pipe._callback_tensor_inputs]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {pipe._callback_tensor_inputs}.")

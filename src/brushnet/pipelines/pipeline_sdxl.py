@@ -1,0 +1,302 @@
+"""Text-guided inpainting with Stable Diffusion XL and a BrushNet."""
+
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+    retrieve_timesteps,
+)
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from ..models import BrushNetModel
+from .base import BrushNetPipelineMixin, brushnet_scale_schedule
+from .pipeline_sd import _check_callback_inputs, _resolve_mask
+
+
+class StableDiffusionXLBrushNetPipeline(
+    BrushNetPipelineMixin,
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    IPAdapterMixin,
+    FromSingleFileMixin,
+):
+    """Inpainting with a frozen SDXL UNet and an SDXL BrushNet branch (Ju et al., ECCV 2024).
+
+    Masks: white = region to fill. No invisible watermark is applied.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->brushnet->unet->vae"
+    _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "feature_extractor",
+                            "image_encoder"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds",
+                               "add_time_ids"]
+
+    # Prompt, size-conditioning, IP-Adapter and scheduler helpers are stock diffusers', used as they are.
+    encode_prompt = StableDiffusionXLPipeline.encode_prompt
+    encode_image = StableDiffusionXLPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
+    prepare_extra_step_kwargs = StableDiffusionXLPipeline.prepare_extra_step_kwargs
+    get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
+    _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
+    guidance_scale = StableDiffusionXLPipeline.guidance_scale
+    clip_skip = StableDiffusionXLPipeline.clip_skip
+    do_classifier_free_guidance = StableDiffusionXLPipeline.do_classifier_free_guidance
+    cross_attention_kwargs = StableDiffusionXLPipeline.cross_attention_kwargs
+    num_timesteps = StableDiffusionXLPipeline.num_timesteps
+    interrupt = StableDiffusionXLPipeline.interrupt
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        brushnet: BrushNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        feature_extractor: CLIPImageProcessor = None,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, brushnet=brushnet, scheduler=scheduler,
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+        )
+        self._init_processors()
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+    @contextmanager
+    def _vae_upcast(self):
+        """SDXL's VAE overflows in fp16 (`force_upcast`): run it in fp32 for the duration."""
+        dtype = self.vae.dtype
+        upcast = dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(dtype=dtype)
+
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._vae_upcast():
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image=None,
+        mask=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        brushnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        *,
+        mask_image=None,
+        blend: bool = False,
+        blend_kernel: int = 21,
+    ):
+        """Inpaint `image` where `mask` is white, guided by `prompt` (and `prompt_2`).
+
+        Arguments are those of the reference `StableDiffusionXLBrushNetPipeline`, plus `timesteps`,
+        `mask_image` (alias of `mask`) and `blend`/`blend_kernel` (blurred blending over the
+        original). `original_size` defaults to the processed image size. Unknown keywords raise
+        `TypeError`. Returns `StableDiffusionXLPipelineOutput(images)`.
+        """
+        # 1. Check inputs
+        mask = _resolve_mask(mask, mask_image)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give `prompt` or `prompt_embeds`.")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        scale, start, end = self.check_brushnet_inputs(
+            image, mask, height, width, batch_size, num_images_per_prompt, generator,
+            brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
+        )
+        _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = denoising_end
+        self._interrupt = False
+        device = self._execution_device
+        total = batch_size * num_images_per_prompt
+
+        # 2. Encode the prompt with both text encoders
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+            self.encode_prompt(
+                prompt, prompt_2, device, num_images_per_prompt, self.do_classifier_free_guidance,
+                negative_prompt, negative_prompt_2, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, lora_scale=lora_scale,
+                clip_skip=self.clip_skip,
+            )
+        )
+
+        # 3. Prepare image, mask and the branch's conditioning latents
+        pixels, hole, conditioning = self.prepare_brushnet_inputs(image, mask, height, width, total, device)
+        height, width = pixels.shape[-2:]
+
+        # 4. Timesteps and initial latents
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        self._num_timesteps = len(timesteps)
+        latents = self.prepare_latents(
+            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        scales = brushnet_scale_schedule(scale, start, end, len(timesteps))
+
+        # 5. Size and crop conditioning (SDXL's "time ids")
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+        projection_dim = (int(pooled_prompt_embeds.shape[-1]) if self.text_encoder_2 is None
+                          else self.text_encoder_2.config.projection_dim)
+        add_time_ids = self._get_add_time_ids(
+            tuple(original_size), tuple(crops_coords_top_left), tuple(target_size), dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                tuple(negative_original_size), tuple(negative_crops_coords_top_left), tuple(negative_target_size),
+                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
+            )
+        else:
+            negative_add_time_ids = add_time_ids
+        add_text_embeds = pooled_prompt_embeds
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
+            add_time_ids = torch.cat([negative_add_time_ids, add_time_ids])
+        prompt_embeds = prompt_embeds.to(device)
+        add_text_embeds = add_text_embeds.to(device)
+        # As the reference and stock SDXL: [neg, pos] rows tiled per image.
+        add_time_ids = add_time_ids.to(device).repeat(total, 1)
+
+        unet_kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs}
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance = torch.tensor(self.guidance_scale - 1).repeat(total)
+            unet_kwargs["timestep_cond"] = self.get_guidance_scale_embedding(
+                guidance, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
+            )
+
+        if denoising_end is not None and 0 < denoising_end < 1:
+            cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
+            num_inference_steps = len([t for t in timesteps if t >= cutoff])
+            timesteps = timesteps[:num_inference_steps]
+
+        # 6. Denoise
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
+                step_unet_kwargs = {**unet_kwargs, "added_cond_kwargs": (
+                    added_cond_kwargs if image_embeds is None else {**added_cond_kwargs, "image_embeds": image_embeds}
+                )}
+                noise_pred = self.predict_noise(
+                    latent_model_input, t, prompt_embeds, conditioning, scales[i], guess_mode=guess_mode,
+                    unet_kwargs=step_unet_kwargs, brushnet_added_cond_kwargs=added_cond_kwargs,
+                )
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                 "negative_prompt_embeds": negative_prompt_embeds,
+                                 "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    add_text_embeds = outputs.pop("add_text_embeds", add_text_embeds)
+                    add_time_ids = outputs.pop("add_time_ids", add_time_ids)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 7. Decode, blend, post-process
+        if output_type == "latent":
+            images = latents
+        else:
+            with self._vae_upcast():
+                latents = latents.to(self.vae.dtype)
+                config = self.vae.config
+                if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+                    mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                    std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                    latents = latents * std / config.scaling_factor + mean
+                else:
+                    latents = latents / config.scaling_factor
+                decoded = self.vae.decode(latents, return_dict=False)[0]
+            images = self.finish_images(decoded, pixels, hole, output_type, blend, blend_kernel)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return StableDiffusionXLPipelineOutput(images=images)
