@@ -1,0 +1,72 @@
+"""Shared test setup: one CPU thread, the golden reference data, relative-error assertions."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two-thread torch collapses when the other core is busy; the goldens allow for 1 vs 2 threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("BRUSHNET_GOLDEN", REPO.parent / "shared" / "golden"))
+
+# Largest relative error seen per golden case, reported at the end of the run.
+GOLDEN_ERRORS: dict[str, float] = {}
+
+
+class GoldenCase:
+    def __init__(self, name: str):
+        from safetensors.torch import load_file
+
+        self.name = name
+        self.dir = GOLDEN / name
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"Golden data missing at {self.dir}; set BRUSHNET_GOLDEN to the folder.")
+        self.case = json.loads((self.dir / "case.json").read_text())
+        inputs = self.dir / "inputs.safetensors"
+        self.inputs = load_file(inputs) if inputs.exists() else {}
+        outputs = self.dir / "outputs.safetensors"
+        self.outputs = load_file(outputs) if outputs.exists() else {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        key = self.case.get("output_aliases", {}).get(key, key)
+        return self.outputs[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.outputs or key in self.case.get("output_aliases", {})
+
+    def check(self, key: str, actual: torch.Tensor, rel: float, golden: torch.Tensor | None = None) -> float:
+        """Assert max|actual - golden| <= rel * max|golden| and record the ratio."""
+        expected = self[key] if golden is None else golden
+        actual = torch.as_tensor(actual).detach().to(torch.float64).cpu()
+        expected = expected.to(torch.float64)
+        assert actual.shape == expected.shape, f"{self.name}/{key}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        scale = expected.abs().max().item() or 1.0
+        error = (actual - expected).abs().max().item() / scale
+        GOLDEN_ERRORS[self.name] = max(GOLDEN_ERRORS.get(self.name, 0.0), error)
+        assert error <= rel, f"{self.name}/{key}: max relative error {error:.3e} > {rel:.0e}"
+        return error
+
+
+@pytest.fixture(scope="session")
+def golden():
+    cache = {}
+
+    def load(name: str) -> GoldenCase:
+        if name not in cache:
+            cache[name] = GoldenCase(name)
+        return cache[name]
+
+    return load
+
+
+def pytest_terminal_summary(terminalreporter):
+    if GOLDEN_ERRORS:
+        terminalreporter.write_sep("-", "golden cases: max relative error")
+        for name, error in sorted(GOLDEN_ERRORS.items()):
+            terminalreporter.write_line(f"{name:24s} {error:.2e}")
