@@ -149,6 +149,9 @@ class BrushNetPipelineMixin:
         )
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
         hole = preprocess_mask(mask, self.image_processor, height, width)
+        if pixels.shape[0] != hole.shape[0]:  # one mask for many images, or the reverse
+            n = max(pixels.shape[0], hole.shape[0])
+            pixels, hole = pixels.expand(n, -1, -1, -1), hole.expand(n, -1, -1, -1)
         fraction = hole.mean().item()
         if fraction == 0.0:
             logger.warning("The mask has no hole (nothing is white): the result will mostly keep the image.")
