@@ -87,9 +87,8 @@ class BrushNetPipelineMixin:
                     f"{pretrained_model_name_or_path} has no brushnet/ folder: it is a base model. Pass "
                     "brushnet=BrushNetModel.from_pretrained(...) to load a BrushNet with it."
                 )
-            kwargs["brushnet"] = BrushNetModel.from_pretrained(
-                folder, subfolder="brushnet", torch_dtype=kwargs.get("torch_dtype")
-            )
+            dtype_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype") if kwargs.get(k) is not None}
+            kwargs["brushnet"] = BrushNetModel.from_pretrained(folder, subfolder="brushnet", **dtype_kwargs)
             pretrained_model_name_or_path = folder
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_brushnet_matches_unet(pipe.brushnet, pipe.unet)

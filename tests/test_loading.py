@@ -1,0 +1,382 @@
+"""brushnet.loading: BrushNets and pipelines from folders, single files and the hub, and the refusals."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
+
+from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
+from brushnet import loading
+from brushnet.loading import (
+    ModelLoadError,
+    brushnet_config_from_state_dict,
+    detect_base_family,
+    detect_brushnet_family,
+    load_brushnet,
+    load_pipeline,
+)
+
+from ldm_checkpoint import write_sd15_single_file
+
+FAMILIES = {"sd15": "sd15_tiny_model", "sdxl": "sdxl_tiny_model"}
+PIPELINES = {"sd15": "sd15_tiny_pipeline", "sdxl": "sdxl_tiny_pipeline"}
+
+# The released checkpoints' configs, written out here independently of loading.py. Fields not
+# named keep BrushNetModel's defaults, which are those of the released SD1.5 model.
+RELEASED_CONFIGS = {
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=("DownBlock2D",) * 4,
+        up_block_types=("UpBlock2D",) * 4, mid_block_type="MidBlock2D", layers_per_block=2,
+        cross_attention_dim=768, attention_head_dim=8,
+    ),
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3, mid_block_type="MidBlock2D", layers_per_block=2,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], use_linear_projection=True,
+        cross_attention_dim=2048,
+    ),
+}
+# Fields that shape the branch (the others describe the base UNet's attention and change nothing).
+STRUCTURAL_FIELDS = (
+    "in_channels", "conditioning_channels", "down_block_types", "mid_block_type", "up_block_types",
+    "block_out_channels", "layers_per_block", "norm_num_groups", "addition_embed_type",
+    "projection_class_embeddings_input_dim", "addition_time_embed_dim",
+)
+
+
+def _brushnet_dir(golden, family):
+    return golden(FAMILIES[family]).dir / "brushnet"
+
+
+def _golden_state_dict(golden, family):
+    return load_file(str(_brushnet_dir(golden, family) / "diffusion_pytorch_model.safetensors"))
+
+
+def _meta_brushnet(**config):
+    with torch.device("meta"):
+        return BrushNetModel(**config)
+
+
+def _as_json(config) -> dict:
+    # Configs hold tuples or lists depending on where they came from; JSON makes them comparable.
+    # Private entries (`_use_default_values`, `_class_name`) record history, not architecture.
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+def _assert_state_dicts_equal(actual: dict, expected: dict):
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+def _assert_one_line(error: pytest.ExceptionInfo, *needles: str):
+    message = str(error.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Fail the test if anything starts reading model weights."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the refusal")
+
+    for cls in (UNet2DConditionModel, AutoencoderKL, StableDiffusionBrushNetPipeline,
+                StableDiffusionXLBrushNetPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", fail)
+        monkeypatch.setattr(cls, "from_single_file", fail)
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", fail)
+    monkeypatch.setattr(BrushNetModel, "from_pretrained", fail)
+    monkeypatch.setattr(loading, "load_file", fail)
+
+
+# -- BrushNet single files ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_single_safetensors_file_with_config_beside(golden, tmp_path, family, dtype):
+    expected = _golden_state_dict(golden, family)
+    path = tmp_path / f"brushnet_{family}.safetensors"
+    save_file({k: v.to(dtype) for k, v in expected.items()}, str(path))
+    # Tiny models use 4 norm groups, which weights cannot show: the config beside the file says so.
+    shutil.copy(_brushnet_dir(golden, family) / "config.json", tmp_path / "config.json")
+
+    model = load_brushnet(path)
+
+    assert isinstance(model, BrushNetModel)
+    assert model.dtype == torch.float32
+    assert model.config.norm_num_groups == 4
+    assert detect_brushnet_family(model.config) == family
+    assert detect_brushnet_family(model.state_dict()) == family
+    expected = {k: v.to(dtype).to(torch.float32) for k, v in expected.items()}
+    _assert_state_dicts_equal(model.state_dict(), expected)
+    assert not any(p.is_meta for p in model.parameters())
+
+    assert load_brushnet(path, torch_dtype=torch.float16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_single_file_config_derived_from_shapes(tmp_path, family):
+    # Widths that are multiples of 32 (norm groups 32, as released) but small; SDXL keeps the
+    # released 2816-wide add-embedding, from which addition_time_embed_dim 256 follows.
+    config = dict(RELEASED_CONFIGS[family], block_out_channels=(32, 64, 64, 64)[: 4 if family == "sd15" else 3])
+    torch.manual_seed(0)
+    reference = BrushNetModel(**config)
+    for parameter in reference.parameters():  # the 1x1 output convs start at zero
+        torch.nn.init.normal_(parameter, std=0.02)
+    path = tmp_path / "brushnet_segmentation_mask_fp16.safetensors"
+    save_file({k: v.half().contiguous() for k, v in reference.state_dict().items()}, str(path))
+
+    model = load_brushnet(path)
+
+    for field in STRUCTURAL_FIELDS:
+        assert _as_json(model.config)[field] == _as_json(reference.config)[field], field
+    _assert_state_dicts_equal(model.state_dict(), {k: v.half().float() for k, v in reference.state_dict().items()})
+
+
+def test_single_file_tiny_without_config_asks_for_it(golden, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_file(_golden_state_dict(golden, "sd15"), str(path))
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(path)
+    _assert_one_line(error, "config.json", "norm_num_groups")
+
+
+def test_config_beside_must_fit_the_weights(golden, tmp_path):
+    path = tmp_path / "brushnet.safetensors"
+    save_file(_golden_state_dict(golden, "sd15"), str(path))
+    shutil.copy(_brushnet_dir(golden, "sdxl") / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(path)
+    _assert_one_line(error, "do not fit", "config.json")
+
+
+# -- configs and families from shapes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_config_from_full_size_state_dict_equals_released(family):
+    released = _meta_brushnet(**RELEASED_CONFIGS[family])
+    state_dict = released.state_dict()  # meta tensors: shapes only, no memory
+
+    derived = brushnet_config_from_state_dict(state_dict)
+
+    assert detect_brushnet_family(state_dict) == family
+    assert detect_brushnet_family({k: v.shape for k, v in state_dict.items()}) == family
+    assert _as_json(_meta_brushnet(**derived).config) == _as_json(released.config)
+    for field, value in _as_json(RELEASED_CONFIGS[family]).items():
+        assert _as_json(derived)[field] == value, field
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_config_from_tiny_state_dict_with_overrides(golden, family):
+    golden_config = json.loads((_brushnet_dir(golden, family) / "config.json").read_text())
+    overrides = {"norm_num_groups": 4}
+    if family == "sdxl":
+        overrides["addition_time_embed_dim"] = golden_config["addition_time_embed_dim"]
+
+    derived = brushnet_config_from_state_dict(_golden_state_dict(golden, family), **overrides)
+
+    for field in STRUCTURAL_FIELDS:
+        assert _as_json(derived)[field] == golden_config[field], field
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_detect_brushnet_family_of_tiny_models(golden, family):
+    folder = _brushnet_dir(golden, family)
+    assert detect_brushnet_family(_golden_state_dict(golden, family)) == family
+    assert detect_brushnet_family(json.loads((folder / "config.json").read_text())) == family
+    assert detect_brushnet_family(BrushNetModel.from_pretrained(folder)) == family
+
+
+def test_state_dict_of_a_unet_is_not_a_brushnet(golden):
+    unet = load_file(str(golden("sd15_tiny_model").dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ModelLoadError) as error:
+        brushnet_config_from_state_dict(unet)
+    _assert_one_line(error, "not a BrushNet")
+
+
+# -- pickles, PowerPaint, missing paths, hub ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin"])
+def test_pickle_file_needs_allow_pickle(golden, tmp_path, suffix):
+    expected = _golden_state_dict(golden, "sd15")
+    path = tmp_path / f"brushnet{suffix}"
+    torch.save({"state_dict": expected}, path)
+    shutil.copy(_brushnet_dir(golden, "sd15") / "config.json", tmp_path / "config.json")
+
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(path)
+    _assert_one_line(error, "allow_pickle", "arbitrary code")
+
+    _assert_state_dicts_equal(load_brushnet(path, allow_pickle=True).state_dict(), expected)
+
+
+def test_folder_with_only_bin_weights_needs_allow_pickle(golden, tmp_path):
+    BrushNetModel.from_pretrained(_brushnet_dir(golden, "sd15")).save_pretrained(tmp_path, safe_serialization=False)
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(tmp_path)
+    _assert_one_line(error, "allow_pickle")
+    loaded = load_brushnet(tmp_path, allow_pickle=True)
+    _assert_state_dicts_equal(loaded.state_dict(), _golden_state_dict(golden, "sd15"))
+
+
+def test_powerpaint_weights_are_refused(golden, tmp_path):
+    state_dict = _golden_state_dict(golden, "sd15")
+    state_dict["down_blocks.0.attentions.0.proj_in.weight"] = torch.zeros(8, 8, 1, 1)
+    state_dict["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(8, 32)
+    path = tmp_path / "powerpaint_brushnet.safetensors"
+    save_file(state_dict, str(path))
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(path)
+    _assert_one_line(error, "PowerPaint")
+    with pytest.raises(ModelLoadError, match="PowerPaint"):
+        brushnet_config_from_state_dict(state_dict)
+    # Also with a base of the other family: the PowerPaint refusal says more than a mismatch would.
+    with pytest.raises(ModelLoadError, match="PowerPaint"):
+        load_pipeline(golden(PIPELINES["sdxl"]).dir, path)
+
+
+def test_powerpaint_config_is_refused(golden, tmp_path):
+    config = json.loads((_brushnet_dir(golden, "sd15") / "config.json").read_text())
+    config["down_block_types"] = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(_brushnet_dir(golden, "sd15") / "diffusion_pytorch_model.safetensors", tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(tmp_path)
+    _assert_one_line(error, "PowerPaint")
+
+
+@pytest.mark.parametrize("name", ["missing_folder", "missing.safetensors"])
+def test_missing_path(tmp_path, name):
+    path = tmp_path / name
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet(path)
+    _assert_one_line(error, str(path), "does not exist")
+
+
+def test_hub_id_offline_is_one_clear_line():
+    # conftest sets HF_HUB_OFFLINE=1: nothing can be fetched.
+    with pytest.raises(ModelLoadError) as error:
+        load_brushnet("some-org/some-brushnet-that-is-not-cached")
+    _assert_one_line(error, "some-org/some-brushnet-that-is-not-cached", "Hub could not be reached", "local folder")
+
+
+def test_brushnet_folder_and_pipeline_folder(golden):
+    expected = _golden_state_dict(golden, "sd15")
+    _assert_state_dicts_equal(load_brushnet(_brushnet_dir(golden, "sd15")).state_dict(), expected)
+    # A whole pipeline folder holds its BrushNet in brushnet/ (the same weights, see the golden README).
+    _assert_state_dicts_equal(load_brushnet(golden(PIPELINES["sd15"]).dir).state_dict(), expected)
+
+
+# -- pipelines ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, pipeline_class", [
+    ("sd15", StableDiffusionBrushNetPipeline), ("sdxl", StableDiffusionXLBrushNetPipeline),
+])
+def test_load_pipeline_from_folders(golden, family, pipeline_class):
+    base = golden(PIPELINES[family]).dir
+    assert detect_base_family(base) == family
+
+    pipe = load_pipeline(base, _brushnet_dir(golden, family))
+
+    assert type(pipe) is pipeline_class
+    _assert_state_dicts_equal(pipe.brushnet.state_dict(), _golden_state_dict(golden, family))
+    unet = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    _assert_state_dicts_equal(pipe.unet.state_dict(), unet)
+
+
+def test_load_pipeline_dtype(golden, recwarn):
+    pipe = load_pipeline(golden(PIPELINES["sd15"]).dir, _brushnet_dir(golden, "sd15"), torch_dtype=torch.float16)
+    assert pipe.unet.dtype == pipe.brushnet.dtype == pipe.vae.dtype == torch.float16
+    # diffusers 0.42 deprecates `torch_dtype`; the loader passes its successor where it exists.
+    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]
+
+
+@pytest.mark.parametrize("base_family, brushnet_family", [("sd15", "sdxl"), ("sdxl", "sd15")])
+def test_family_mismatch_is_refused_before_loading(golden, no_weight_loading, base_family, brushnet_family):
+    base = golden(PIPELINES[base_family]).dir
+    with pytest.raises(ModelLoadError) as error:
+        load_pipeline(base, _brushnet_dir(golden, brushnet_family))
+    _assert_one_line(error, "SDXL", "SD1.5", "use a BrushNet trained for")
+
+
+def test_family_mismatch_with_a_loaded_brushnet(golden, no_weight_loading):
+    brushnet = _meta_brushnet(**RELEASED_CONFIGS["sdxl"])
+    with pytest.raises(ModelLoadError, match="is for SDXL but base model"):
+        load_pipeline(golden(PIPELINES["sd15"]).dir, brushnet)
+
+
+def test_inpainting_base_is_refused(golden, tmp_path, no_weight_loading):
+    source = golden(PIPELINES["sd15"]).dir
+    base = tmp_path / "sd15_inpainting"
+    (base / "unet").mkdir(parents=True)
+    shutil.copy(source / "model_index.json", base)
+    unet_config = json.loads((source / "unet" / "config.json").read_text())
+    unet_config["in_channels"] = 9
+    (base / "unet" / "config.json").write_text(json.dumps(unet_config))
+
+    with pytest.raises(ModelLoadError) as error:
+        load_pipeline(base, _brushnet_dir(golden, "sd15"))
+    _assert_one_line(error, "inpainting", "text-to-image")
+
+
+def test_single_file_base_round_trip(golden, tmp_path):
+    folder = golden(PIPELINES["sd15"]).dir
+    checkpoint = write_sd15_single_file(folder, tmp_path / "sd15_base.safetensors")
+    assert detect_base_family(checkpoint) == "sd15"
+
+    pipe = load_pipeline(checkpoint, _brushnet_dir(golden, "sd15"), base_config=str(folder))
+
+    assert type(pipe) is StableDiffusionBrushNetPipeline
+    _assert_state_dicts_equal(pipe.unet.state_dict(),
+                              UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+    _assert_state_dicts_equal(pipe.vae.state_dict(), AutoencoderKL.from_pretrained(folder / "vae").state_dict())
+    _assert_state_dicts_equal(pipe.text_encoder.state_dict(),
+                              CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+
+
+def test_single_file_base_offline_without_config(golden, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = tmp_path / "sd15_base.safetensors"
+    save_file({loading.LDM_CONV_IN_KEY: torch.zeros(8, 4, 3, 3)}, str(checkpoint))
+    with pytest.raises(ModelLoadError) as error:
+        load_pipeline(checkpoint, _brushnet_dir(golden, "sd15"))
+    _assert_one_line(error, "base_config")
+
+
+def test_single_file_headers_decide_family_and_inpainting(golden, tmp_path, no_weight_loading):
+    sdxl = tmp_path / "sdxl_base.safetensors"
+    save_file({loading.LDM_CONV_IN_KEY: torch.zeros(8, 4, 3, 3),
+               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(8)}, str(sdxl))
+    assert detect_base_family(sdxl) == "sdxl"
+    with pytest.raises(ModelLoadError, match="is for SD1.5 but base model"):
+        load_pipeline(sdxl, _brushnet_dir(golden, "sd15"), base_config=str(golden(PIPELINES["sd15"]).dir))
+
+    inpainting = tmp_path / "sd15_inpainting.safetensors"
+    save_file({loading.LDM_CONV_IN_KEY: torch.zeros(8, 9, 3, 3)}, str(inpainting))
+    with pytest.raises(ModelLoadError) as error:
+        load_pipeline(inpainting, _brushnet_dir(golden, "sd15"), base_config=str(golden(PIPELINES["sd15"]).dir))
+    _assert_one_line(error, "inpainting")
+
+
+def test_base_that_is_not_a_model(golden, tmp_path):
+    with pytest.raises(ModelLoadError, match="not a diffusers base model folder"):
+        detect_base_family(tmp_path)
+    brushnet_file = tmp_path / "brushnet.safetensors"
+    shutil.copy(_brushnet_dir(golden, "sd15") / "diffusion_pytorch_model.safetensors", brushnet_file)
+    with pytest.raises(ModelLoadError, match="is a BrushNet"):
+        detect_base_family(brushnet_file)
+    with pytest.raises(ModelLoadError, match="Hub could not be reached"):
+        detect_base_family("some-org/some-base-that-is-not-cached")
