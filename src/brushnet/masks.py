@@ -6,6 +6,7 @@ opposite (1 = keep, 0 = hole); only the pipeline converts between the two.
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -110,3 +111,57 @@ def preprocess_mask(mask, image_processor, height: int, width: int) -> torch.Ten
         normalised = 2.0 * values - 1.0
     keep = normalised.float().sum(dim=1, keepdim=True) < 0
     return (~keep).float()
+
+
+def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 0) -> PIL.Image.Image:
+    """A user's mask file or image as a binary "L" image: 255 = fill, 0 = keep.
+
+    Accepts L, LA, RGB, RGBA, P and 1-bit images. Where the image has transparency (an alpha channel
+    with any value below 255), the alpha is the painted region; otherwise the mean of its colour
+    channels is used. A pixel is a hole where that value is >= `threshold` (0-255). `invert` swaps
+    fill and keep; `dilate` grows the hole by that many pixels (a square neighbourhood).
+    """
+    if not 0 <= threshold <= 255:
+        raise ValueError(f"The mask threshold must be between 0 and 255; got {threshold}.")
+    if dilate < 0:
+        raise ValueError(f"--dilate must be >= 0 pixels; got {dilate}.")
+    image = source if isinstance(source, PIL.Image.Image) else _open_image(source, "mask")
+    values = _mask_values(image)
+    hole = values >= threshold
+    if invert:
+        hole = ~hole
+    if dilate:
+        grown = F.max_pool2d(torch.from_numpy(hole)[None, None].float(), 2 * dilate + 1, stride=1, padding=dilate)
+        hole = grown[0, 0].numpy() > 0
+    return PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L")
+
+
+def _mask_values(image: PIL.Image.Image) -> np.ndarray:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+        if alpha.min() < 255:
+            return alpha.astype(np.float32)
+    if image.mode == "1":
+        return np.asarray(image.convert("L"), dtype=np.float32)
+    if image.mode in ("L", "I", "F", "I;16"):
+        values = np.asarray(image, dtype=np.float32)
+        return values / 257.0 if image.mode in ("I", "I;16") and values.max() > 255 else values
+    return np.asarray(image.convert("RGB"), dtype=np.float32).mean(axis=-1)
+
+
+def _open_image(path, what: str) -> PIL.Image.Image:
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The {what} file {path} does not exist.") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"The {what} file {path} is not an image PIL can read.") from None
+    return image
+
+
+def open_image(path) -> PIL.Image.Image:
+    """An RGB image from a file, with a clear error for missing or unreadable files."""
+    image = _open_image(path, "image")
+    # Respect the camera's orientation tag, as every photo viewer does.
+    return PIL.ImageOps.exif_transpose(image).convert("RGB")

@@ -1,0 +1,346 @@
+"""The `brushnet` command line: a thin layer over the library."""
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+from . import __version__
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+NO_MODEL = ("no base model given: pass --base (an SD1.5/SDXL diffusers folder, hub id or .safetensors file) "
+            "and --brushnet (a BrushNet folder, hub id or .safetensors file)")
+
+
+class UserError(ValueError):
+    """A mistake in the command line, reported as one line without a traceback."""
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brushnet", description="BrushNet text-guided inpainting (Ju et al., ECCV 2024) on stock diffusers.")
+    parser.add_argument("--version", action="version", version=f"brushnet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inpaint = commands.add_parser(
+        "inpaint", help="fill the white region of a mask, guided by a prompt",
+        description="Fill the white region of MASK in IMAGE, guided by --prompt. IMAGE and MASK may be "
+                    "folders: images and masks are then paired by file name (stem).")
+    inpaint.add_argument("image", metavar="IMAGE", help="image file, or a folder of images")
+    inpaint.add_argument("mask", metavar="MASK", help="mask file (white = fill), or a folder of masks")
+    _add_prompt_options(inpaint, batch=True)
+    masks = inpaint.add_argument_group("mask")
+    masks.add_argument("--invert-mask", action="store_true", help="fill the black region instead of the white")
+    masks.add_argument("--mask-threshold", type=int, default=128, metavar="0-255",
+                       help="mask pixels at or above this value are filled (default 128)")
+    masks.add_argument("--dilate", type=int, default=0, metavar="PX", help="grow the hole by PX pixels")
+    _add_model_options(inpaint)
+    _add_generation_options(inpaint)
+    _add_output_options(inpaint, batch=True)
+    inpaint.set_defaults(func=cmd_inpaint)
+
+    outpaint = commands.add_parser(
+        "outpaint", help="extend an image beyond its borders",
+        description="Extend IMAGE by the given number of pixels on each side and fill the new area.")
+    outpaint.add_argument("image", metavar="IMAGE", help="image file")
+    for side in ("left", "right", "top", "bottom"):
+        outpaint.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"pixels to add on the {side}")
+    _add_prompt_options(outpaint, batch=False)
+    _add_model_options(outpaint)
+    _add_generation_options(outpaint)
+    _add_output_options(outpaint, batch=False)
+    outpaint.set_defaults(func=cmd_outpaint)
+
+    info = commands.add_parser("info", help="print the generation parameters stored in an output PNG")
+    info.add_argument("png", metavar="OUTPUT.png")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _add_prompt_options(parser, batch: bool) -> None:
+    group = parser.add_argument_group("prompt")
+    group.add_argument("--prompt", "-p", help="what to paint in the hole")
+    group.add_argument("--negative-prompt", "-n", default="", help="what to avoid")
+    if batch:
+        group.add_argument("--prompts", metavar="FILE",
+                           help="per-image prompts for folders: .txt with 'stem: prompt' lines or .json "
+                                "{stem: prompt}; default IMAGE/prompts.txt or .json if present")
+
+
+def _add_model_options(parser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--base", help="base model: diffusers folder, hub id or single .safetensors file")
+    group.add_argument("--brushnet", help="BrushNet: folder, hub id or single .safetensors file")
+    group.add_argument("--base-config", metavar="DIR",
+                       help="diffusers folder with the configs for a single-file --base (needed offline)")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="allow .ckpt/.bin/.pt checkpoints (pickles can run code: only for files you trust)")
+    group.add_argument("--scheduler", default="unipc", help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, "
+                                                           "euler_a or pndm")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="weights precision (auto: fp16 on GPU, fp32 on CPU)")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                       help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
+
+
+def _add_generation_options(parser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    group.add_argument("--scale", type=float, default=1.0, help="BrushNet conditioning scale (default 1.0)")
+    group.add_argument("--start", type=float, default=0.0, help="fraction of the steps where BrushNet starts")
+    group.add_argument("--end", type=float, default=1.0, help="fraction of the steps where BrushNet stops")
+    group.add_argument("--seed", type=int, help="random seed (default: random, recorded in the output)")
+    group.add_argument("--num-images", type=int, default=1, help="images per input (seeds seed, seed+1, ...)")
+    group.add_argument("--blend", action=argparse.BooleanOptionalAction, default=True,
+                       help="paste the result over the original through a blurred mask (default on)")
+    group.add_argument("--blend-kernel", type=int, default=21, help="blur kernel of the blending (odd, default 21)")
+    group.add_argument("--crop-to-mask", action="store_true",
+                       help="process only a window around the hole at the model's native size (large photos)")
+    group.add_argument("--context", type=float, default=0.3,
+                       help="with --crop-to-mask, context around the hole as a fraction of its size (default 0.3)")
+
+
+def _add_output_options(parser, batch: bool) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", "-o", help="output PNG (a folder when IMAGE is a folder)" if batch
+                       else "output PNG")
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def cmd_inpaint(args) -> int:
+    from .masks import load_mask, open_image
+
+    jobs = _inpaint_jobs(args)
+    if not jobs[0]["batch"] and not args.overwrite:
+        _refuse_existing(jobs[0]["outputs"])
+    todo = [job for job in jobs if args.overwrite or not all(p.exists() for p in job["outputs"])]
+    if len(todo) < len(jobs):
+        print(f"skipping {len(jobs) - len(todo)} input(s) whose outputs exist (--overwrite to redo them)")
+    if not todo:
+        return 0
+    loaded = []
+    for job in todo:  # read every input first, so a bad file stops the run before the model loads
+        image = open_image(job["image"])
+        mask = load_mask(job["mask"], args.mask_threshold, args.invert_mask, args.dilate)
+        if image.size != mask.size:
+            raise UserError(f"{job['image']} is {image.width}x{image.height} but {job['mask']} is "
+                            f"{mask.width}x{mask.height}: masks must have the size of their image")
+        loaded.append((job, image, mask))
+    pipe, model_params = _load(args)
+    _run_jobs(pipe, model_params, args, loaded)
+    return 0
+
+
+def cmd_outpaint(args) -> int:
+    from .masks import open_image
+    from .regions import outpaint_canvas
+
+    image_path = Path(args.image)
+    prompt = _require_prompt(args.prompt)
+    image = open_image(image_path)
+    canvas, mask = outpaint_canvas(image, args.left, args.right, args.top, args.bottom)
+    outputs = _output_paths(Path(args.out) if args.out else Path(f"{image_path.stem}-outpainted.png"),
+                            args.num_images)
+    if not args.overwrite:
+        _refuse_existing(outputs)
+    job = {"image": image_path, "mask": None, "prompt": prompt, "outputs": outputs, "batch": False,
+           "extra_params": {"outpaint": {s: getattr(args, s) for s in ("left", "right", "top", "bottom")}}}
+    pipe, model_params = _load(args)
+    _run_jobs(pipe, model_params, args, [(job, canvas, mask)])
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .metadata import read_png_params
+
+    print(json.dumps(read_png_params(args.png), indent=2, sort_keys=True))
+    return 0
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _inpaint_jobs(args) -> list[dict]:
+    image, mask = Path(args.image), Path(args.mask)
+    if not image.exists():
+        raise UserError(f"{image} does not exist")
+    if not mask.exists():
+        raise UserError(f"{mask} does not exist")
+    if image.is_dir() != mask.is_dir():
+        raise UserError("IMAGE and MASK must both be files or both be folders")
+    if not image.is_dir():
+        out = Path(args.out) if args.out else Path(f"{image.stem}-inpainted.png")
+        return [{"image": image, "mask": mask, "prompt": _require_prompt(args.prompt),
+                 "outputs": _output_paths(out, args.num_images), "batch": False, "extra_params": {}}]
+
+    images = _images_in(image)
+    masks = {p.stem: p for p in _images_in(mask)}
+    if not images:
+        raise UserError(f"no images in {image}")
+    missing = [p.name for p in images if p.stem not in masks]
+    if missing:
+        raise UserError(f"no mask in {mask} for {len(missing)} image(s), e.g. {', '.join(missing[:3])} "
+                        "(masks are matched by file name without extension)")
+    prompts = _read_prompts(args, image)
+    without = [p.name for p in images if p.stem not in prompts and not args.prompt]
+    if without:
+        raise UserError(f"no prompt for {len(without)} image(s), e.g. {', '.join(without[:3])}: "
+                        "pass --prompt for all or list them in --prompts")
+    out_dir = Path(args.out) if args.out else Path("brushnet-out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} must be a folder when IMAGE is a folder")
+    return [{"image": p, "mask": masks[p.stem], "prompt": prompts.get(p.stem, args.prompt), "batch": True,
+             "outputs": _output_paths(out_dir / f"{p.stem}.png", args.num_images), "extra_params": {}}
+            for p in images]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_prompts(args, image_dir: Path) -> dict[str, str]:
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"--prompts {path} does not exist")
+    else:
+        path = next((image_dir / n for n in ("prompts.json", "prompts.txt") if (image_dir / n).is_file()), None)
+        if path is None:
+            return {}
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise UserError(f"{path} must be a JSON object {{\"stem\": \"prompt\"}}")
+        return prompts
+    prompts = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            stem, sep, prompt = line.partition(":")
+            if not sep:
+                raise UserError(f"{path} line {number}: expected 'stem: prompt'")
+            prompts[stem.strip()] = prompt.strip()
+    return prompts
+
+
+def _require_prompt(prompt: str | None) -> str:
+    if not prompt:
+        raise UserError("--prompt is required: describe what to paint in the hole")
+    return prompt
+
+
+def _output_paths(out: Path, num_images: int) -> list[Path]:
+    if num_images < 1:
+        raise UserError(f"--num-images must be >= 1; got {num_images}")
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(".png") if out.suffix else out.with_name(out.name + ".png")
+    if num_images == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(num_images)]
+
+
+def _refuse_existing(paths: list[Path]) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _load(args):
+    """Load the pipeline named on the command line; returns it and the parameters to record."""
+    from .loading import load_pipeline
+    from .metadata import model_fingerprint
+    from .schedulers import SCHEDULERS, make_scheduler
+
+    if not args.base or not args.brushnet:
+        raise UserError(NO_MODEL)
+    if args.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
+                         base_config=args.base_config)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.offload == "none":
+        pipe.to(device)
+    elif device == "cpu":
+        raise UserError("--offload needs a GPU (--device cuda or mps)")
+    elif args.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    pipe.set_progress_bar_config(leave=False, desc="steps")
+    params = {"base": str(args.base), "brushnet": str(args.brushnet), "base_hash": model_fingerprint(args.base),
+              "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
+              "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
+    return pipe, params
+
+
+def _run_jobs(pipe, model_params: dict, args, loaded) -> None:
+    from tqdm.auto import tqdm
+
+    from .inpaint import InpaintSettings, image_seeds, inpaint
+    from .metadata import save_png
+
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    for job, image, mask in tqdm(loaded, desc="images", disable=len(loaded) == 1):
+        settings = InpaintSettings(
+            prompt=job["prompt"], negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+            scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
+            blend=args.blend, blend_kernel=args.blend_kernel, crop_to_mask=args.crop_to_mask, context=args.context,
+        )
+        results = inpaint(pipe, image, mask, settings)
+        for path, result, image_seed in zip(job["outputs"], results, image_seeds(settings)):
+            params = {**settings.as_dict(), **model_params, **job["extra_params"], "seed": image_seed,
+                      "num_images": 1, "source_image": Path(job["image"]).name,
+                      "source_mask": Path(job["mask"]).name if job["mask"] else None,
+                      "width": result.width, "height": result.height}
+            params.pop("extra")
+            save_png(result, path, params, overwrite=args.overwrite)
+            print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("BRUSHNET_DEBUG"):
+            raise
+        print(f"brushnet: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

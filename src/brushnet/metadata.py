@@ -1,0 +1,97 @@
+"""Generation parameters stored in output PNGs, and fingerprints of the models that made them."""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import PIL.Image
+import PIL.PngImagePlugin
+
+PNG_KEY = "brushnet"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_HASH_CACHE = Path(os.environ.get("BRUSHNET_CACHE", Path.home() / ".cache" / "brushnet")) / "hashes.json"
+
+
+def save_png(image: PIL.Image.Image, path: str | os.PathLike, params: dict, overwrite: bool = False) -> Path:
+    """Write `image` with `params` as PNG text, atomically: no half-written file, and an existing
+    file is replaced only with `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def read_png_params(path: str | os.PathLike) -> dict:
+    """The parameters `save_png` stored in a PNG, with a clear error if it has none."""
+    try:
+        with PIL.Image.open(path) as image:
+            text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image.") from None
+    if text is None:
+        raise ValueError(f"{path} carries no brushnet generation parameters.")
+    return json.loads(text)
+
+
+def model_fingerprint(source) -> str:
+    """A short sha256 of a model's weight files (a file, or every weight file in a folder), or the
+    hub id itself when `source` is not on disk. Cached by path, size and modification time."""
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    else:
+        return f"hub:{source}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(_file_sha256(file).encode())
+    return digest.hexdigest()[:12]
+
+
+def _file_sha256(file: Path) -> str:
+    stat = file.stat()
+    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = _load_cache()
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    cache[key] = digest.hexdigest()
+    _store_cache(cache)
+    return cache[key]
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_HASH_CACHE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(cache: dict) -> None:
+    try:
+        _HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _HASH_CACHE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, _HASH_CACHE)
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time

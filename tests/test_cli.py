@@ -1,0 +1,231 @@
+"""`brushnet inpaint/outpaint/info` end to end on tiny models, and the geometry and mask helpers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushnet.cli import main
+from brushnet.masks import load_mask
+from brushnet.metadata import read_png_params
+from brushnet.regions import crop_window, outpaint_canvas, working_size
+
+
+@pytest.fixture(scope="module")
+def models(golden):
+    base = golden("sd15_tiny_pipeline").dir
+    return ["--base", str(base), "--brushnet", str(base / "brushnet"), "--steps", "2"]
+
+
+def _photo(path, size, seed=0):
+    rng = np.random.default_rng(seed)
+    w, h = size
+    # Smooth colours plus noise: a JPEG-like photo of an odd size.
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1) + rng.integers(0, 30, (h, w, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _mask(path, size, box):
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 255
+    Image.fromarray(mask).save(path)
+    return mask > 0
+
+
+def _far_from(hole, margin):
+    """Pixels farther than `margin` from the hole (square neighbourhood)."""
+    import torch
+    grown = torch.nn.functional.max_pool2d(torch.from_numpy(hole)[None, None].float(), 2 * margin + 1, 1, margin)
+    return grown[0, 0].numpy() == 0
+
+
+def test_inpaint_odd_size_jpeg_keeps_pixels_and_records_parameters(tmp_path, models, capsys):
+    original = _photo(tmp_path / "photo.jpg", (333, 250))
+    hole = _mask(tmp_path / "mask.png", (333, 250), (100, 80, 160, 140))
+    out = tmp_path / "result.png"
+    code = main(["inpaint", str(tmp_path / "photo.jpg"), str(tmp_path / "mask.png"), "--prompt", "a red ball",
+                 "--seed", "5", "--out", str(out), *models])
+    assert code == 0
+    result = np.asarray(Image.open(out).convert("RGB"))
+    assert result.shape == original.shape
+    far = _far_from(hole, 12)  # beyond the blend's reach (kernel 21)
+    assert np.array_equal(result[far], original[far])
+    assert not np.array_equal(result[hole], original[hole])
+
+    params = read_png_params(out)
+    assert params["prompt"] == "a red ball" and params["seed"] == 5 and params["steps"] == 2
+    assert params["scheduler"] == "unipc" and len(params["brushnet_hash"]) == 12
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == params
+
+
+def test_same_seed_reproduces_and_existing_output_is_kept(tmp_path, models, capsys):
+    _photo(tmp_path / "p.png", (48, 40))
+    _mask(tmp_path / "m.png", (48, 40), (10, 10, 30, 30))
+    args = ["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--seed", "3", *models]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    before = (tmp_path / "a.png").read_bytes()
+    assert main([*args, "--out", str(tmp_path / "a.png"), "--seed", "4"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "a.png").read_bytes() == before
+
+
+def test_crop_to_mask_leaves_everything_outside_the_window_bit_exact(tmp_path, models):
+    original = _photo(tmp_path / "big.png", (400, 300), seed=2)
+    hole = _mask(tmp_path / "m.png", (400, 300), (300, 200, 320, 215))
+    out = tmp_path / "r.png"
+    assert main(["inpaint", str(tmp_path / "big.png"), str(tmp_path / "m.png"), "-p", "sky", "--crop-to-mask",
+                 "--seed", "1", "--out", str(out), *models]) == 0
+    result = np.asarray(Image.open(out).convert("RGB"))
+    far = _far_from(hole, 12)
+    assert np.array_equal(result[far], original[far])
+    assert not np.array_equal(result[hole], original[hole])
+    changed = np.argwhere((result != original).any(-1))
+    # Only pixels in the window around the hole may change.
+    assert changed[:, 0].min() >= 200 - 12 and changed[:, 1].min() >= 300 - 12
+
+
+def test_no_blend_returns_the_models_output(tmp_path, models):
+    original = _photo(tmp_path / "p.png", (64, 48))
+    _mask(tmp_path / "m.png", (64, 48), (20, 10, 40, 30))
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--no-blend",
+                 "--out", str(tmp_path / "r.png"), *models]) == 0
+    result = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    assert result.shape == original.shape and not np.array_equal(result[:5], original[:5])
+
+
+def test_batch_mode_pairs_by_stem_skips_done_and_overwrites_on_request(tmp_path, models, capsys):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    for i, size in enumerate([(40, 32), (33, 25), (50, 50)]):
+        _photo(images / f"img{i}.jpg", size, seed=i)
+        _mask(masks / f"img{i}.png", size, (5, 5, 20, 20))
+    (images / "prompts.txt").write_text("img0: a cat\nimg1: a dog\n")
+    args = ["inpaint", str(images), str(masks), "--prompt", "a bird", "--out", str(out), "--seed", "0", *models]
+    assert main(args) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["img0.png", "img1.png", "img2.png"]
+    assert [read_png_params(out / n)["prompt"] for n in written] == ["a cat", "a dog", "a bird"]
+    assert Image.open(out / "img1.png").size == (33, 25)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipping 3" in capsys.readouterr().out
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main([*args, "--overwrite"]) == 0
+    assert stamps != {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def test_batch_mode_with_a_missing_mask_fails_before_loading(tmp_path, capsys):
+    (tmp_path / "i").mkdir(), (tmp_path / "m").mkdir()
+    _photo(tmp_path / "i" / "a.png", (16, 16))
+    _photo(tmp_path / "i" / "b.png", (16, 16))
+    _mask(tmp_path / "m" / "a.png", (16, 16), (2, 2, 8, 8))
+    assert main(["inpaint", str(tmp_path / "i"), str(tmp_path / "m"), "-p", "x"]) == 2
+    assert "no mask" in capsys.readouterr().err and "b.png" in capsys.readouterr().err + "b.png"
+
+
+def test_several_images_get_their_own_seeds(tmp_path, models):
+    _photo(tmp_path / "p.png", (32, 32))
+    _mask(tmp_path / "m.png", (32, 32), (8, 8, 24, 24))
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--num-images", "2",
+                 "--seed", "10", "--out", str(tmp_path / "r.png"), *models]) == 0
+    assert [read_png_params(tmp_path / f"r-{k}.png")["seed"] for k in (0, 1)] == [10, 11]
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--seed", "11",
+                 "--out", str(tmp_path / "single.png"), *models]) == 0
+    a = np.asarray(Image.open(tmp_path / "r-1.png"), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "single.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1  # the same seed alone reproduces it (batching may move a rounding)
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, models, capsys):
+    _photo(tmp_path / "p.png", (32, 32))
+    _mask(tmp_path / "m.png", (40, 32), (1, 1, 5, 5))
+    cases = [
+        (["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", *models], "masks must have the size"),
+        (["inpaint", str(tmp_path / "nope.png"), str(tmp_path / "m.png"), "-p", "x"], "does not exist"),
+        (["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png")], "--prompt is required"),
+        (["inpaint", str(tmp_path / "p.png"), str(tmp_path / "p.png"), "-p", "x"], "pass --base"),
+        (["inpaint", str(tmp_path / "p.png"), str(tmp_path / "p.png"), "-p", "x", "--scheduler", "foo", *models],
+         "unknown --scheduler"),
+        (["info", str(tmp_path / "p.png")], "no brushnet generation parameters"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p-inpainted.png").exists()
+
+
+def test_outpaint_extends_the_canvas(tmp_path, models):
+    original = _photo(tmp_path / "p.png", (40, 30))
+    out = tmp_path / "wide.png"
+    assert main(["outpaint", str(tmp_path / "p.png"), "--left", "8", "--right", "16", "--top", "4", "-p", "sea",
+                 "--out", str(out), *models]) == 0
+    result = np.asarray(Image.open(out).convert("RGB"))
+    assert result.shape == (34, 64, 3)
+    params = read_png_params(out)
+    assert params["outpaint"] == {"left": 8, "right": 16, "top": 4, "bottom": 0}
+    inner = result[4 + 11:4 + 30 - 11, 8 + 11:8 + 40 - 11]  # original pixels beyond the blend's reach
+    assert np.array_equal(inner, original[11:-11, 11:-11])
+
+
+def test_outpaint_canvas_geometry():
+    image = Image.new("RGB", (10, 6), (200, 10, 10))
+    canvas, mask = outpaint_canvas(image, left=3, right=2, top=1, bottom=4)
+    assert canvas.size == mask.size == (15, 11)
+    m = np.asarray(mask)
+    assert (m[1:7, 3:13] == 0).all() and m.sum() == 255 * (15 * 11 - 60)
+    assert canvas.getpixel((3, 1)) == (200, 10, 10) and canvas.getpixel((12, 6)) == (200, 10, 10)
+    with pytest.raises(ValueError, match="at least one"):
+        outpaint_canvas(image)
+
+
+def test_working_size_and_crop_window():
+    assert working_size(512, 512, 512) == (512, 512)
+    w, h = working_size(4000, 3000, 512)
+    assert (w % 8, h % 8) == (0, 0) and abs(w / h - 4 / 3) < 0.03 and abs(w * h - 512 * 512) / 512**2 < 0.05
+    assert working_size(333, 250, 1024) == (1184, 888)
+    window = crop_window((3000, 2000, 3100, 2050), (4000, 3000), context=0.3, min_side=512)
+    left, top, right, bottom = window
+    assert left <= 2970 and right >= 3130 and right - left >= 512 and bottom - top >= 512
+    assert crop_window((3990, 2990, 4000, 3000), (4000, 3000), 0.3, 512) == (3488, 2488, 4000, 3000)
+    assert crop_window((0, 0, 10, 10), (100, 50), 0.3, 512) == (0, 0, 100, 50)
+
+
+def test_load_mask_formats(tmp_path):
+    hole = np.zeros((12, 16), dtype=bool)
+    hole[3:9, 4:12] = True
+    grey = (hole * 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb.png")
+    Image.fromarray(grey).convert("1").save(tmp_path / "bit.png")
+    rgba = np.zeros((12, 16, 4), dtype=np.uint8)
+    rgba[..., 3] = grey  # painted strokes on a transparent layer
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    for name in ("l.png", "rgb.png", "bit.png", "rgba.png"):
+        assert np.array_equal(np.asarray(load_mask(tmp_path / name)) > 0, hole), name
+    assert np.array_equal(np.asarray(load_mask(tmp_path / "l.png", invert=True)) > 0, ~hole)
+    assert (np.asarray(load_mask(tmp_path / "l.png", dilate=1)) > 0).sum() == 8 * 10
+    Image.fromarray((hole * 100).astype(np.uint8)).save(tmp_path / "dim.png")
+    assert not np.asarray(load_mask(tmp_path / "dim.png")).any()
+    assert np.array_equal(np.asarray(load_mask(tmp_path / "dim.png", threshold=100)) > 0, hole)
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "brushnet", "inpaint", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0
+    for option in ("--prompt", "--base", "--brushnet", "--crop-to-mask", "--no-blend", "--scheduler", "--offload"):
+        assert option in out.stdout
