@@ -4,8 +4,11 @@ Convention for users: white (1, 255) = the region to fill. Inside BrushNet the m
 opposite (1 = keep, 0 = hole); only the pipeline converts between the two.
 """
 
+import math
+
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import PIL.ImageOps
 import torch
 import torch.nn.functional as F
@@ -165,3 +168,133 @@ def open_image(path) -> PIL.Image.Image:
     image = _open_image(path, "image")
     # Respect the camera's orientation tag, as every photo viewer does.
     return PIL.ImageOps.exif_transpose(image).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training masks: run-length encoded segmentation masks and random free-form brush strokes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rle_runs(rle, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 0-indexed (starts, ends) of a flat [start, length, ...] RLE over height*width pixels."""
+    try:
+        values = np.asarray(rle)
+    except ValueError:  # ragged nesting
+        raise ValueError("An RLE must be a flat list [start, length, start, length, ...].") from None
+    if values.ndim != 1:
+        raise ValueError(f"An RLE must be a flat list [start, length, start, length, ...]; got shape {values.shape}.")
+    if values.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        values = values.astype(np.int64)
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"An RLE must hold integers; got {values.dtype} values.")
+    if values.size % 2:
+        raise ValueError(f"An RLE must hold (start, length) pairs; got an odd number of values ({values.size}).")
+    values = values.astype(np.int64)
+    starts, lengths = values[0::2] - 1, values[1::2]
+    ends = starts + lengths
+    total = height * width
+    if starts.min() < 0 or lengths.min() < 0 or ends.max() > total:
+        raise ValueError(
+            f"RLE run out of range for a {height}x{width} (HxW) mask: starts are 1-based and must satisfy "
+            f"1 <= start and start - 1 + length <= {total}."
+        )
+    return starts, ends
+
+
+def check_rle(rle, height: int, width: int) -> None:
+    """Raise ValueError unless `rle` is a well-formed flat RLE whose runs fit in height*width pixels."""
+    _rle_runs(rle, height, width)
+
+
+def rle_decode(rle, height: int, width: int, order: str = "F") -> np.ndarray:
+    """A boolean (height, width) mask from a flat run-length encoding [start, length, start, length, ...].
+
+    Starts are 1-indexed positions in the flattened mask, runs are set to True. `order="F"`
+    (default) flattens column-major, as BrushData's segmentation masks and the reference trainer's
+    `rle2mask` do; `order="C"` flattens row-major, as the BrushBench benchmark masks (512x512) do.
+    Unlike the reference, malformed or out-of-range runs raise ValueError instead of being cut off.
+    """
+    if order not in ("F", "C"):
+        raise ValueError(f"order must be 'F' (column-major) or 'C' (row-major); got {order!r}.")
+    starts, ends = _rle_runs(rle, height, width)
+    # +1 at each start and -1 at each end, a running sum > 0 is inside some run (overlaps allowed).
+    total = height * width
+    edges = np.bincount(starts, minlength=total + 1) - np.bincount(ends, minlength=total + 1)
+    flat = np.cumsum(edges[:total]) > 0
+    return flat.reshape((height, width), order=order)
+
+
+def rle_encode(mask, order: str = "F") -> list[int]:
+    """The flat RLE [start, length, ...] (1-indexed starts) of a 2-D mask's nonzero pixels; `rle_decode`'s inverse."""
+    if order not in ("F", "C"):
+        raise ValueError(f"order must be 'F' (column-major) or 'C' (row-major); got {order!r}.")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode needs a 2-D (H, W) mask; got shape {mask.shape}.")
+    flat = np.concatenate([[False], mask.astype(bool).ravel(order=order), [False]])
+    changes = np.flatnonzero(flat[1:] != flat[:-1])
+    starts, ends = changes[0::2], changes[1::2]
+    runs = np.empty(2 * len(starts), np.int64)
+    runs[0::2] = starts + 1
+    runs[1::2] = ends - starts
+    return runs.tolist()
+
+
+def random_brush_mask(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    max_tries: int = 4,
+    min_num_vertex: int = 0,
+    max_num_vertex: int = 8,
+    mean_angle: float = 2 * math.pi / 5,
+    angle_range: float = 2 * math.pi / 15,
+    min_width: int = 128,
+    max_width: int = 128,
+) -> np.ndarray:
+    """A random free-form brush mask (bool (height, width), True = brush = hole), as BrushNet trains with.
+
+    Statistics of the reference trainer's `random_brush_gen(max_tries, h, w)`: rng.integers(max_tries)
+    strokes (0 .. max_tries-1, so with the default 4 a quarter of the masks are empty), each a
+    polyline of min_num_vertex .. max_num_vertex-1 segments whose direction alternates around
+    `mean_angle` (jittered by up to `angle_range`), segment lengths ~ N(r, floor(r/2)) clipped to
+    [0, 2r] with r = sqrt(H^2 + W^2) / 8, drawn `width` pixels wide (uniform in [min_width,
+    max_width], 128 by default) with a filled circle at each vertex; finally the mask is flipped
+    up-down and left-right with probability 1/2 each. (The reference's per-stroke
+    `mask.transpose(...)` calls discard their result, so they are left out.)
+
+    Difference from the reference: it reads `h, w = mask.size` from a PIL image, whose size is
+    (width, height), so for non-square masks its start points and clipping use swapped axes.
+    Here x is drawn and clipped in [0, width] and y in [0, height]; square masks are unaffected.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"A brush mask needs a positive size; got {height}x{width} (HxW).")
+    average_radius = math.sqrt(height * height + width * width) / 8
+    canvas = PIL.Image.new("L", (width, height), 0)
+    draw = PIL.ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(max_tries))):
+        num_vertex = int(rng.integers(min_num_vertex, max_num_vertex))
+        angle_min = mean_angle - rng.uniform(0, angle_range)
+        angle_max = mean_angle + rng.uniform(0, angle_range)
+        angles = [
+            2 * math.pi - rng.uniform(angle_min, angle_max) if i % 2 == 0 else rng.uniform(angle_min, angle_max)
+            for i in range(num_vertex)
+        ]
+        vertices = [(int(rng.integers(0, width)), int(rng.integers(0, height)))]
+        for angle in angles:
+            radius = np.clip(rng.normal(loc=average_radius, scale=average_radius // 2), 0, 2 * average_radius)
+            x = np.clip(vertices[-1][0] + radius * math.cos(angle), 0, width)
+            y = np.clip(vertices[-1][1] + radius * math.sin(angle), 0, height)
+            vertices.append((int(x), int(y)))
+        stroke = int(rng.uniform(min_width, max_width))
+        draw.line(vertices, fill=1, width=stroke)
+        for x, y in vertices:
+            draw.ellipse((x - stroke // 2, y - stroke // 2, x + stroke // 2, y + stroke // 2), fill=1)
+    mask = np.asarray(canvas, dtype=bool)
+    if rng.random() > 0.5:
+        mask = mask[::-1]
+    if rng.random() > 0.5:
+        mask = mask[:, ::-1]
+    return np.ascontiguousarray(mask)

@@ -1,0 +1,246 @@
+"""Custom training data: a folder of images with same-stem captions and optional masks.
+
+Layout (file names are matched by stem, case-sensitively; only the top level is scanned):
+
+    folder/
+        cat.jpg             an image: .png, .jpg, .jpeg or .webp (any case)
+        cat.txt             its caption, UTF-8 (optional: missing = "", warned once)
+        masks/cat.png       optional mask, same size as the image, white = hole (the region to
+                            inpaint), read like the `--mask` of `brushnet inpaint` (alpha if
+                            transparent, else mean colour >= 128); .png preferred, other image
+                            extensions accepted
+        cat.json            optional segmentation {"mask": [rle, ...]} in BrushData's format:
+                            flat 1-indexed [start, length, ...] runs, column-major over the
+                            image's height x width, 1 = object (the initially KEPT region)
+
+A mask PNG wins over a JSON. The PNG's hole becomes keep = 1 - hole; the JSON's masks are used
+as BrushData's are (one at random). Without either, the reference's fallback applies: everything
+kept (or, after the random inversion, everything a hole), so use `random_mask=True` for
+image-only folders. In all cases the training recipe flips kept region and hole half the time.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..masks import check_rle, load_mask
+from ._stream import (
+    SAMPLE_SALT,
+    BrokenSample,
+    Record,
+    SkipLog,
+    check_split,
+    decode_image,
+    epoch_order,
+    logger,
+    worker_generator,
+    worker_slot,
+)
+from .transforms import training_sample
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MASK_FOLDER = "masks"
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    """The files of one image of a training folder."""
+
+    image: Path
+    caption: Path | None
+    mask: Path | None
+    segmentation: Path | None
+
+    @property
+    def stem(self) -> str:
+        return self.image.stem
+
+
+def list_folder(folder) -> list[FolderItem]:
+    """The images of a training folder (sorted by file name) with their caption and mask files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"The training folder {folder} does not exist or is not a folder.")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the folder {folder}.")
+    mask_folder = folder / MASK_FOLDER
+    items = []
+    for image in images:
+        caption = image.with_suffix(".txt")
+        segmentation = image.with_suffix(".json")
+        masks = (mask_folder / (image.stem + ext) for ext in IMAGE_EXTENSIONS)
+        mask = next((m for m in masks if m.is_file()), None)
+        items.append(
+            FolderItem(
+                image=image,
+                caption=caption if caption.is_file() else None,
+                mask=mask,
+                segmentation=segmentation if segmentation.is_file() else None,
+            )
+        )
+    return items
+
+
+def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
+    """A Record (image, caption, masks as keep arrays or RLEs) of one folder item; BrokenSample if unusable."""
+    try:
+        data = item.image.read_bytes()
+    except OSError as error:
+        raise BrokenSample(f"unreadable image file ({error})") from None
+    image = decode_image(data)
+    caption = ""
+    if item.caption is not None:
+        try:
+            caption = item.caption.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise BrokenSample(f"unreadable caption file ({error})") from None
+    masks = []
+    if with_masks and item.mask is not None:
+        try:
+            hole = np.asarray(load_mask(item.mask)) > 0
+        except (OSError, ValueError) as error:
+            raise BrokenSample(f"unreadable mask ({error})") from None
+        if hole.shape != (image.height, image.width):
+            raise BrokenSample(
+                f"the mask {item.mask.name} is {hole.shape[1]}x{hole.shape[0]} but the image is "
+                f"{image.width}x{image.height} (WxH)"
+            )
+        masks = [~hole]
+    elif with_masks and item.segmentation is not None:
+        masks = read_segmentation(item.segmentation, image.height, image.width)
+    return Record(key=item.stem, image=image, caption=caption, segmentation_masks=masks)
+
+
+def read_segmentation(path: Path, height: int, width: int) -> list:
+    """The RLE list of a {"mask": [rle, ...]} JSON file, each checked against height x width."""
+    try:
+        segmentation = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise BrokenSample(f"bad segmentation JSON {Path(path).name} ({error})") from None
+    if not isinstance(segmentation, dict) or not isinstance(segmentation.get("mask"), list):
+        raise BrokenSample(f'segmentation JSON {Path(path).name} has no "mask" list')
+    for rle in segmentation["mask"]:
+        try:
+            check_rle(rle, height, width)
+        except (ValueError, TypeError) as error:
+            raise BrokenSample(f"bad RLE in {Path(path).name} ({error})") from None
+    return segmentation["mask"]
+
+
+class ImageFolderDataset(torch.utils.data.IterableDataset):
+    """A folder of images, captions and masks (see the module doc) as BrushNet training samples.
+
+    Same items as `BrushDataShards` (`training_sample`'s dict) and the same options. The image
+    list is shuffled per epoch (the same order everywhere for a seed) and split between processes
+    (`rank` of `world_size`) and DataLoader workers image by image; `repeat` streams forever.
+    Unusable images (undecodable, mask of the wrong size, bad JSON) are skipped and counted in
+    `skipped`, with a warning.
+    """
+
+    def __init__(
+        self,
+        folder,
+        *,
+        resolution: int = 512,
+        random_mask: bool = False,
+        proportion_empty_prompts: float = 0.0,
+        seed: int = 0,
+        shuffle: bool = True,
+        repeat: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        check_split(rank, world_size)
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive; got {resolution}.")
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1]; got {proportion_empty_prompts}.")
+        self.folder = Path(folder)
+        self.items = list_folder(folder)
+        self.resolution = resolution
+        self.random_mask = random_mask
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.seed = seed
+        self.shuffle = shuffle
+        self.repeat = repeat
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._skips = SkipLog()
+        uncaptioned = sum(item.caption is None for item in self.items)
+        if uncaptioned:
+            logger.warning(
+                "%d of the %d images in %s have no .txt caption; they train with an empty caption.",
+                uncaptioned,
+                len(self.items),
+                self.folder,
+            )
+        if not random_mask and not any(item.mask or item.segmentation for item in self.items):
+            logger.warning(
+                "No masks (%s/<stem>.png or <stem>.json) in %s: every sample is all kept or all hole. "
+                "Use random_mask=True for a folder of images only.",
+                MASK_FOLDER,
+                self.folder,
+            )
+
+    @property
+    def skipped(self) -> int:
+        """Images skipped so far by this process/worker's copy of the dataset."""
+        return self._skips.count
+
+    @property
+    def skip_reasons(self):
+        return self._skips.reasons
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary orders and augmentations between DataLoader passes."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, _ = worker_slot(self.rank, self.world_size)
+        rng = worker_generator(self.seed, self.epoch, slot, SAMPLE_SALT)
+        for record in self.records():
+            yield training_sample(
+                record.image,
+                None,
+                record.caption,
+                resolution=self.resolution,
+                rng=rng,
+                random_mask=self.random_mask,
+                proportion_empty_prompts=self.proportion_empty_prompts,
+                segmentation_masks=record.segmentation_masks,
+            )
+
+    def records(self) -> Iterator[Record]:
+        """This worker's images decoded but not augmented, in order."""
+        slot, total = worker_slot(self.rank, self.world_size)
+        epoch = 0
+        while True:
+            order = epoch_order(len(self.items), self.seed, self.epoch, epoch, self.shuffle)
+            mine = order[slot::total]
+            good = 0
+            for index in mine:
+                item = self.items[index]
+                try:
+                    record = read_item(item, with_masks=not self.random_mask)
+                except BrokenSample as error:
+                    self._skips.skip(str(item.image), str(error))
+                    continue
+                good += 1
+                yield record
+            if not self.repeat:
+                return
+            if not mine:
+                logger.warning(
+                    "No images for DataLoader worker %d of %d (more workers than images); it stops.", slot, total
+                )
+                return
+            if good == 0:
+                raise RuntimeError(f"None of the {len(mine)} images of this worker could be used; see the warnings.")
+            epoch += 1
