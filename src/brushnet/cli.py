@@ -55,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(outpaint, batch=False)
     outpaint.set_defaults(func=cmd_outpaint)
 
+    from .training.config import build_train_parser
+
+    train = commands.add_parser(
+        "train", help="train a BrushNet (also under `accelerate launch`)",
+        description="Train a BrushNet on BrushData shards or a folder of images with captions. Options keep "
+                    "the names of the authors' train_brushnet.py; dashes work too.")
+    build_train_parser(train)
+    train.set_defaults(func=cmd_train)
+
+    data = commands.add_parser("data", help="training data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    pack = data_commands.add_parser(
+        "pack", help="write a folder of images (+ .txt captions, masks) as BrushData .tar shards")
+    pack.add_argument("folder", metavar="FOLDER")
+    pack.add_argument("out", metavar="OUT_DIR")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    pack.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    pack.set_defaults(func=cmd_data_pack)
+
     info = commands.add_parser("info", help="print the generation parameters stored in an output PNG")
     info.add_argument("png", metavar="OUTPUT.png")
     info.set_defaults(func=cmd_info)
@@ -155,6 +174,23 @@ def cmd_outpaint(args) -> int:
            "extra_params": {"outpaint": {s: getattr(args, s) for s in ("left", "right", "top", "bottom")}}}
     pipe, model_params = _load(args)
     _run_jobs(pipe, model_params, args, [(job, canvas, mask)])
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    path = train(TrainConfig(**options))
+    print(f"BrushNet saved in {path}")
+    return 0
+
+
+def cmd_data_pack(args) -> int:
+    from .data import pack_folder
+
+    shards = pack_folder(args.folder, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
     return 0
 
 
@@ -332,6 +368,8 @@ def _run_jobs(pipe, model_params: dict, args, loaded) -> None:
 
 
 def main(argv=None) -> int:
+    # transformers warns at import that torchvision is absent; the CLI needs no torchvision.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

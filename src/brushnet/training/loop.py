@@ -1,0 +1,390 @@
+"""The BrushNet training loop, top to bottom: config, models, data, optimiser, loop, checkpoints.
+
+The recipe is the authors': a frozen SD1.5/SDXL UNet, VAE and text encoder(s); a trainable BrushNet
+(from `BrushNetModel.from_unet`, or a checkpoint); noise at uniform timesteps; MSE against epsilon
+(or v for v-prediction bases); AdamW with gradient clipping; a constant learning rate after a
+warm-up. `accelerate launch` runs it on one or many GPUs; a plain call runs on CPU or one GPU.
+"""
+
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a BrushNet as `config` says; returns the folder of the final BrushNet."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ..models import BrushNetModel, unet_forward
+
+    _check_config(config)
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+    )
+    if config.seed is not None:
+        set_seed(config.seed)
+    seed = config.seed if config.seed is not None else random.randrange(2**31)
+
+    # -- models: frozen base, trainable branch -----------------------------------------------------
+    base = load_base_components(config)
+    unet, vae, text = base["unet"], base["vae"], base["text"]
+    sdxl = text.sdxl
+    noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler",
+                                                    revision=config.revision)
+    if config.brushnet_model_name_or_path:
+        from ..loading import load_brushnet
+
+        brushnet = load_brushnet(config.brushnet_model_name_or_path, allow_pickle=config.allow_pickle)
+    else:
+        brushnet = BrushNetModel.from_unet(unet)
+    for frozen in (unet, vae, *text.encoders):
+        frozen.requires_grad_(False)
+    brushnet.train()
+    if config.gradient_checkpointing:
+        brushnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+
+    # Frozen weights in the training precision; SDXL's VAE stays fp32 unless an fp16-safe one is given.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if sdxl and not config.pretrained_vae_model_name_or_path else weight_dtype
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
+    for encoder in text.encoders:
+        encoder.to(accelerator.device, dtype=weight_dtype)
+
+    # -- optimiser ---------------------------------------------------------------------------------
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(brushnet.parameters(), config, learning_rate)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    brushnet, optimizer, lr_scheduler = accelerator.prepare(brushnet, optimizer, lr_scheduler)
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(brushnet).parameters(), decay=config.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    # -- resume ------------------------------------------------------------------------------------
+    global_step = 0
+    checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.print(f"resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[1])
+
+    # -- data: each process and worker reads its own share of the shards ----------------------------
+    dataset = make_dataset(config, seed=seed + global_step, rank=accelerator.process_index,
+                           world_size=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
+                                         num_workers=config.dataloader_num_workers, collate_fn=_collate())
+    batches = iter(loader)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(config.tracker_project_name, config={
+            k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))
+        })
+    samples_per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    progress = tqdm(total=config.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    steps_this_run = 0
+
+    # -- the loop ----------------------------------------------------------------------------------
+    while global_step < config.max_train_steps:
+        batch = next(batches)
+        with accelerator.accumulate(brushnet):
+            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)
+            masked_pixels = batch["conditioning_pixel_values"].to(accelerator.device, dtype=vae_dtype)
+            with torch.no_grad():
+                latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+                masked_latents = vae.encode(masked_pixels).latent_dist.sample() * vae.config.scaling_factor
+                latents, masked_latents = latents.to(weight_dtype), masked_latents.to(weight_dtype)
+                keep = F.interpolate(batch["masks"].to(accelerator.device), size=latents.shape[-2:]).to(weight_dtype)
+                prompt_embeds, added_cond_kwargs = text.encode(batch, config, accelerator.device, weight_dtype)
+
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=latents.device).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+            down, mid, up = brushnet(
+                noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
+                brushnet_cond=torch.cat([masked_latents, keep], dim=1), added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+            )
+            model_pred = unet_forward(
+                unet, noisy_latents, timesteps, prompt_embeds,
+                down_block_add_samples=[r.to(weight_dtype) for r in down],
+                mid_block_add_sample=mid.to(weight_dtype),
+                up_block_add_samples=[r.to(weight_dtype) for r in up],
+                added_cond_kwargs=added_cond_kwargs,
+            )
+            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                noise_scheduler.get_velocity(latents, noise, timesteps)
+            loss = diffusion_loss(model_pred, target, keep, config.masked_loss_weight)
+
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(brushnet.parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=config.set_grads_to_none)
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        steps_this_run += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(brushnet).parameters())
+        rate = steps_this_run * samples_per_step / (time.perf_counter() - started)
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate}
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", samples_s=f"{rate:.2f}")
+        accelerator.log(logs, step=global_step)
+
+        if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
+            save_checkpoint(accelerator, brushnet, ema, output_dir, global_step, config.checkpoints_total_limit)
+        if config.validation_image and global_step % config.validation_steps == 0 and accelerator.is_main_process:
+            run_validation(accelerator, brushnet, ema, base, noise_scheduler, config, global_step, weight_dtype)
+
+    # -- the released format: config.json + diffusion_pytorch_model.safetensors ----------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(brushnet)
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        final.save_pretrained(output_dir)
+    accelerator.end_training()
+    progress.close()
+    return output_dir
+
+
+# -- pieces the loop calls ------------------------------------------------------------------------
+
+def _check_config(config: TrainConfig) -> None:
+    if not config.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_model_name_or_path is required: the base SD1.5/SDXL model to train against.")
+    if not config.train_data_dir:
+        raise ValueError("--train_data_dir is required: BrushData shards or a folder of images with captions.")
+    if not any(c in config.train_data_dir for c in "*{") and not Path(config.train_data_dir).exists():
+        raise ValueError(f"--train_data_dir {config.train_data_dir} does not exist.")
+    if not len(config.validation_image) == len(config.validation_mask) == len(config.validation_prompt):
+        raise ValueError("Give as many --validation_image as --validation_mask and --validation_prompt.")
+    if config.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ValueError(f"--mixed_precision must be no, fp16 or bf16; got {config.mixed_precision}.")
+    if config.max_train_steps < 1 or config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
+        raise ValueError("--max_train_steps, --train_batch_size and --gradient_accumulation_steps must be >= 1.")
+
+
+class TextConditioning:
+    """Tokenizers and frozen text encoders of the base; turns a batch's captions into conditioning."""
+
+    def __init__(self, tokenizers, encoders, sdxl: bool):
+        self.tokenizers, self.encoders, self.sdxl = tokenizers, encoders, sdxl
+
+    def _ids(self, tokenizer, captions, device):
+        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    def encode(self, batch, config: TrainConfig, device, dtype):
+        captions = batch["caption"]
+        if not self.sdxl:  # SD1.5: the last hidden state of the CLIP text encoder
+            return self.encoders[0](self._ids(self.tokenizers[0], captions, device), return_dict=False)[0], None
+        # SDXL: penultimate hidden states of both encoders side by side; pooled output of the second.
+        hidden = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            out = encoder(self._ids(tokenizer, captions, device), output_hidden_states=True)
+            pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        prompt_embeds = torch.cat(hidden, dim=-1).to(dtype)
+        size = config.resolution
+        crop = (config.crops_coords_top_left_h, config.crops_coords_top_left_w)
+        # (original size, crop top-left, target size) per sample, as SDXL was trained; a fixed crop
+        # from the options replaces the sampled one when given, as in the reference's options.
+        fixed_crop = crop if any(crop) else None
+        time_ids = [list(original) + list(fixed_crop or crop_top_left) + [size, size]
+                    for original, crop_top_left in zip(batch["original_size"], batch["crop_top_left"])]
+        added = {"text_embeds": pooled.to(dtype), "time_ids": torch.tensor(time_ids, device=device, dtype=dtype)}
+        return prompt_embeds, added
+
+
+def load_base_components(config: TrainConfig) -> dict:
+    """The frozen parts of the base model: UNet, VAE, tokenizer(s) and text encoder(s)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..loading import detect_base_family
+
+    base, revision = config.pretrained_model_name_or_path, config.revision
+    sdxl = detect_base_family(base) == "sdxl"
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
+    if unet.config.in_channels != 4:
+        raise ValueError(f"{base} has a {unet.config.in_channels}-channel UNet: BrushNet trains on a plain "
+                         "text-to-image base, not an inpainting model.")
+    if config.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
+    else:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision)
+    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision, use_fast=False)]
+    encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision)]
+    if sdxl:
+        tokenizers.append(AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=revision,
+                                                        use_fast=False))
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
+                                                                    revision=revision))
+    return {"unet": unet, "vae": vae, "text": TextConditioning(tokenizers, encoders, sdxl)}
+
+
+def make_optimizer(params, config: TrainConfig, learning_rate: float):
+    optimizer_class = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only).") from None
+        optimizer_class = bnb.optim.AdamW8bit
+    return optimizer_class(params, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+def make_dataset(config: TrainConfig, seed: int, rank: int, world_size: int):
+    from ..data import BrushDataShards, ImageFolderDataset
+
+    source = Path(config.train_data_dir)
+    options = dict(resolution=config.resolution, random_mask=config.random_mask,
+                   proportion_empty_prompts=config.proportion_empty_prompts, seed=seed, repeat=True,
+                   rank=rank, world_size=world_size)
+    if source.suffix == ".tar" or "*" in str(source) or "{" in str(source) or any(source.glob("*.tar")):
+        return BrushDataShards(str(source), shuffle_buffer=config.shuffle_buffer, **options)
+    return ImageFolderDataset(str(source), **options)
+
+
+def _collate():
+    from ..data import collate
+
+    return collate
+
+
+def diffusion_loss(model_pred, target, keep, masked_loss_weight: float) -> torch.Tensor:
+    """MSE in float32; with masked_loss_weight != 1, the hole's latent pixels weigh that much more."""
+    if masked_loss_weight == 1.0:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    weights = 1.0 + (masked_loss_weight - 1.0) * (1.0 - keep.float())
+    return ((model_pred.float() - target.float()) ** 2 * weights).sum() / (weights.sum() * model_pred.shape[1])
+
+
+def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise ValueError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+        return path
+    checkpoints = _checkpoints(output_dir)
+    if not checkpoints:
+        logger.warning("No checkpoint in %s to resume from: starting a new run.", output_dir)
+        return None
+    return checkpoints[-1]
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, keep_last: int | None) -> None:
+    """The full accelerate state (to resume) plus a `brushnet/` folder that `from_pretrained` loads."""
+    if accelerator.is_main_process and keep_last is not None:
+        old = _checkpoints(output_dir)
+        for stale in old[: max(0, len(old) - keep_last + 1)]:
+            shutil.rmtree(stale)
+    path = output_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(brushnet)
+        if ema is not None:  # the folder holds the EMA weights, the state keeps both
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            model.save_pretrained(path / "brushnet")
+            ema.restore(model.parameters())
+        else:
+            model.save_pretrained(path / "brushnet")
+
+
+def run_validation(accelerator, brushnet, ema, base: dict, noise_scheduler, config: TrainConfig, step: int,
+                   weight_dtype) -> list:
+    """Inpaint the validation triples with the current weights; images go to the trackers and to disk."""
+    import numpy as np
+    from PIL import Image
+
+    from ..masks import load_mask, open_image
+    from ..pipelines import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
+    from ..schedulers import make_scheduler
+
+    model = accelerator.unwrap_model(brushnet)
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    text = base["text"]
+    components = dict(vae=base["vae"], unet=base["unet"], brushnet=model,
+                      scheduler=make_scheduler("unipc", noise_scheduler.config))
+    if text.sdxl:
+        pipe = StableDiffusionXLBrushNetPipeline(text_encoder=text.encoders[0], text_encoder_2=text.encoders[1],
+                                                 tokenizer=text.tokenizers[0], tokenizer_2=text.tokenizers[1],
+                                                 **components)
+    else:
+        pipe = StableDiffusionBrushNetPipeline(text_encoder=text.encoders[0], tokenizer=text.tokenizers[0],
+                                               **components)
+    pipe.set_progress_bar_config(disable=True)
+    folder = Path(config.output_dir) / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    logged = []
+    try:
+        for index, (image_path, mask_path, prompt) in enumerate(
+                zip(config.validation_image, config.validation_mask, config.validation_prompt)):
+            image = open_image(image_path).resize((config.resolution, config.resolution))
+            mask = load_mask(mask_path).resize((config.resolution, config.resolution), Image.NEAREST)
+            generator = torch.Generator(device="cpu").manual_seed(config.seed or 0)
+            with torch.autocast(accelerator.device.type, dtype=weight_dtype,
+                                enabled=weight_dtype != torch.float32):
+                images = pipe(prompt, image=image, mask=mask, num_inference_steps=config.validation_inference_steps,
+                              num_images_per_prompt=config.num_validation_images, generator=generator).images
+            for k, result in enumerate(images):
+                result.save(folder / f"{index}-{k}.png")
+            logged.append(np.stack([np.asarray(im) for im in images]))
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
+        model.train()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for index, images in enumerate(logged):
+                tracker.writer.add_images(f"validation/{index}", images, step, dataformats="NHWC")
+    return logged
