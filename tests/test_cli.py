@@ -229,3 +229,106 @@ def test_console_script_help():
     assert out.returncode == 0
     for option in ("--prompt", "--base", "--brushnet", "--crop-to-mask", "--no-blend", "--scheduler", "--offload"):
         assert option in out.stdout
+
+
+def _error(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("brushnet: error:") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_files(tmp_path, models, capsys):
+    _photo(tmp_path / "p.png", (32, 32))
+    _mask(tmp_path / "m.png", (32, 32), (4, 4, 20, 20))
+    (tmp_path / "text.png").write_text("not a picture")
+    whole = (tmp_path / "p.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    Image.new("L", (32, 32), 0).save(tmp_path / "empty.png")
+    cases = {
+        "text.png": ("text.png", "m.png", "not an image"),
+        "cut.png": ("cut.png", "m.png", "damaged"),
+        "empty mask": ("p.png", "empty.png", "nothing to inpaint"),
+        "missing": ("nope.jpg", "m.png", "does not exist"),
+    }
+    for name, (image, mask, message) in cases.items():
+        err = _error(["inpaint", str(tmp_path / image), str(tmp_path / mask), "-p", "x", *models], capsys)
+        assert message in err, (name, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png", "empty.png", "m.png", "p.png", "text.png"]
+
+
+def test_bad_models_are_refused_before_loading(golden, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _photo(tmp_path / "p.png", (32, 32))
+    _mask(tmp_path / "m.png", (32, 32), (4, 4, 20, 20))
+    sd15 = golden("sd15_tiny_pipeline").dir
+    run = ["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--out", str(tmp_path / "o.png")]
+
+    err = _error([*run, "--base", str(sd15), "--brushnet", str(golden("sdxl_tiny_model").dir / "brushnet")], capsys)
+    assert "SDXL" in err and "SD1.5" in err
+
+    state = load_file(sd15 / "brushnet" / "diffusion_pytorch_model.safetensors")
+    powerpaint = {**state, "down_blocks.0.attentions.0.proj_in.weight": torch.zeros(8, 8)}
+    save_file(powerpaint, tmp_path / "powerpaint.safetensors")
+    assert "PowerPaint" in _error([*run, "--base", str(sd15), "--brushnet", str(tmp_path / "powerpaint.safetensors")],
+                                  capsys)
+
+    torch.save(state, tmp_path / "brushnet.bin")
+    assert "--allow-pickle" in _error([*run, "--base", str(sd15), "--brushnet", str(tmp_path / "brushnet.bin")],
+                                      capsys)
+
+    inpainting = tmp_path / "inpainting-base"
+    (inpainting / "unet").mkdir(parents=True)
+    shutil.copy(sd15 / "model_index.json", inpainting)
+    unet_config = json.loads((sd15 / "unet" / "config.json").read_text())
+    (inpainting / "unet" / "config.json").write_text(json.dumps({**unet_config, "in_channels": 9}))
+    assert "inpainting" in _error([*run, "--base", str(inpainting), "--brushnet", str(sd15 / "brushnet")], capsys)
+
+    assert "could not be reached" in _error([*run, "--base", "some-org/some-model", "--brushnet",
+                                             str(sd15 / "brushnet")], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in _error([*run, "--base", str(sd15), "--brushnet", str(sd15 / "brushnet"),
+                                        "--device", "cuda"], capsys)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_output_folders(tmp_path, models, capsys):
+    _photo(tmp_path / "p.png", (32, 32))
+    _mask(tmp_path / "m.png", (32, 32), (4, 4, 20, 20))
+    out = tmp_path / "new" / "deeper" / "r.png"
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--out", str(out),
+                 *models]) == 0
+    assert out.is_file()
+    (tmp_path / "afile").write_text("x")
+    err = _error(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x",
+                  "--out", str(tmp_path / "afile" / "r.png"), *models], capsys)
+    assert "cannot create the output folder" in err
+
+
+def test_interrupting_a_batch_leaves_only_complete_files(tmp_path, models, monkeypatch, capsys):
+    import brushnet.inpaint
+
+    images, masks, out = tmp_path / "i", tmp_path / "m", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    for i in range(3):
+        _photo(images / f"{i}.png", (24, 24), seed=i)
+        _mask(masks / f"{i}.png", (24, 24), (2, 2, 12, 12))
+    real, calls = brushnet.inpaint.inpaint, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(brushnet.inpaint, "inpaint", interrupted)
+    assert main(["inpaint", str(images), str(masks), "-p", "x", "--out", str(out), *models]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["0.png"]
+    read_png_params(out / "0.png")

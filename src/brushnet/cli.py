@@ -145,6 +145,7 @@ def cmd_inpaint(args) -> int:
         print(f"skipping {len(jobs) - len(todo)} input(s) whose outputs exist (--overwrite to redo them)")
     if not todo:
         return 0
+    _prepare_output_folders([p for job in todo for p in job["outputs"]])
     loaded = []
     for job in todo:  # read every input first, so a bad file stops the run before the model loads
         image = open_image(job["image"])
@@ -152,6 +153,9 @@ def cmd_inpaint(args) -> int:
         if image.size != mask.size:
             raise UserError(f"{job['image']} is {image.width}x{image.height} but {job['mask']} is "
                             f"{mask.width}x{mask.height}: masks must have the size of their image")
+        if mask.getbbox() is None:
+            raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: "
+                            "nothing to inpaint (white = fill; --invert-mask if your hole is black)")
         loaded.append((job, image, mask))
     pipe, model_params = _load(args)
     _run_jobs(pipe, model_params, args, loaded)
@@ -170,6 +174,7 @@ def cmd_outpaint(args) -> int:
                             args.num_images)
     if not args.overwrite:
         _refuse_existing(outputs)
+    _prepare_output_folders(outputs)
     job = {"image": image_path, "mask": None, "prompt": prompt, "outputs": outputs, "batch": False,
            "extra_params": {"outpaint": {s: getattr(args, s) for s in ("left", "right", "top", "bottom")}}}
     pipe, model_params = _load(args)
@@ -291,6 +296,17 @@ def _refuse_existing(paths: list[Path]) -> None:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
 
 
+def _prepare_output_folders(paths: list[Path]) -> None:
+    """Create the outputs' folders now, so an unusable --out fails before the model loads."""
+    for folder in {p.parent for p in paths}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the output folder {folder} ({error.strerror}): choose another --out")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"the output folder {folder} is not writable: choose another --out")
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -363,7 +379,12 @@ def _run_jobs(pipe, model_params: dict, args, loaded) -> None:
                       "source_mask": Path(job["mask"]).name if job["mask"] else None,
                       "width": result.width, "height": result.height}
             params.pop("extra")
-            save_png(result, path, params, overwrite=args.overwrite)
+            try:
+                save_png(result, path, params, overwrite=args.overwrite)
+            except OSError as error:
+                if isinstance(error, FileExistsError):
+                    raise
+                raise UserError(f"cannot write {path} ({error.strerror or error}): check the folder") from None
             print(f"wrote {path}")
 
 
@@ -378,6 +399,10 @@ def main(argv=None) -> int:
             raise
         print(f"brushnet: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are written to a temporary name and renamed: no partial file is left behind.
+        print("brushnet: interrupted; every output written so far is complete", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _load_pickle_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.T
     if not allow_pickle:
         raise ModelLoadError(
             f"{path} is a pickle file ({path.suffix}), and loading a pickle can run arbitrary code: convert it to "
-            ".safetensors, or pass allow_pickle=True if you trust where it came from."
+            ".safetensors, or pass allow_pickle=True (--allow-pickle) if you trust where it came from."
         )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -504,7 +504,7 @@ def _load_brushnet_folder(folder: Path, torch_dtype, allow_pickle: bool, hub_kwa
         if not allow_pickle:
             raise ModelLoadError(
                 f"{folder} has only pickle weights ({stem}.bin), and loading a pickle can run arbitrary code: convert "
-                "them to .safetensors, or pass allow_pickle=True if you trust where they came from."
+                "them to .safetensors, or pass allow_pickle=True (--allow-pickle) if you trust where they came from."
             )
         use_safetensors = False
     else:

@@ -160,6 +160,10 @@ def _open_image(path, what: str) -> PIL.Image.Image:
         raise FileNotFoundError(f"The {what} file {path} does not exist.") from None
     except PIL.UnidentifiedImageError:
         raise ValueError(f"The {what} file {path} is not an image PIL can read.") from None
+    except IsADirectoryError:
+        raise ValueError(f"The {what} {path} is a folder, not an image file.") from None
+    except OSError as error:  # truncated or corrupt data
+        raise ValueError(f"The {what} file {path} is damaged ({error}): re-export or replace it.") from None
     return image
 
 
