@@ -158,3 +158,112 @@ def test_two_processes_with_torchrun(golden, data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoint-2" / "brushnet" / "config.json").is_file()
     BrushNetModel.from_pretrained(out)
+
+
+def test_base_stays_frozen_and_only_brushnet_learns(golden, data, tmp_path, monkeypatch):
+    import brushnet.training.loop as loop
+
+    held = {}
+
+    def loading(cfg):
+        held.update(loop_load(cfg))
+        return held
+
+    loop_load = loop.load_base_components
+    monkeypatch.setattr(loop, "load_base_components", loading)
+    cfg = config(golden, data, tmp_path / "run", max_train_steps=3)
+    train(cfg)
+    fresh = loop_load(cfg)
+    frozen = {"unet": (held["unet"], fresh["unet"]), "vae": (held["vae"], fresh["vae"]),
+              "text_encoder": (held["text"].encoders[0], fresh["text"].encoders[0])}
+    for name, (used, original) in frozen.items():
+        used_state, original_state = used.state_dict(), original.state_dict()
+        assert all(torch.equal(used_state[k], original_state[k]) for k in original_state), name
+        assert all(p.grad is None and not p.requires_grad for p in used.parameters()), name
+
+
+def _run(golden, data, out, steps, **overrides):
+    train(config(golden, data, out, max_train_steps=steps, checkpointing_steps=2, lr_warmup_steps=2, **overrides))
+    return BrushNetModel.from_pretrained(out).state_dict()
+
+
+def test_resume_continues_the_same_trajectory(golden, data, tmp_path, monkeypatch):
+    import brushnet.training.loop as loop
+
+    uninterrupted = _run(golden, data, tmp_path / "a", 6)
+    _run(golden, data, tmp_path / "b", 4)
+    resumed = _run(golden, data, tmp_path / "b", 6, resume_from_checkpoint="latest")
+
+    # A run killed at step 5 resumes from checkpoint-4.
+    real_loss, calls = loop.diffusion_loss, []
+
+    def dying(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args)
+
+    monkeypatch.setattr(loop, "diffusion_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(golden, data, tmp_path / "c", 6)
+    monkeypatch.setattr(loop, "diffusion_loss", real_loss)
+    assert sorted(p.name for p in (tmp_path / "c").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    restarted = _run(golden, data, tmp_path / "c", 6, resume_from_checkpoint="latest")
+    for key in uninterrupted:
+        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-7, rtol=0), key
+        assert torch.allclose(restarted[key], uninterrupted[key], atol=1e-7, rtol=0), key
+
+
+def test_brushdata_with_broken_samples_trains_and_reports(golden, data, tmp_path, caplog):
+    import io
+    import logging
+    import tarfile
+
+    from brushnet.data import pack_folder
+
+    shards = tmp_path / "shards"
+    pack_folder(data, shards, shard_size=4)
+    with tarfile.open(shards / "broken.tar", "w") as tar:
+        def add(name, payload: bytes):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        add("bad.image", b"not a jpeg")
+        add("bad.caption", b"a broken sample")
+        add("bad.height", b"32"), add("bad.width", b"32")
+        add("bad.segmentation", b'{"mask": []}')
+        good = io.BytesIO()
+        Image.new("RGB", (32, 32), (10, 200, 10)).save(good, format="PNG")
+        add("noseg.image", good.getvalue())
+        add("noseg.caption", b"no segmentation here")
+        add("noseg.height", b"32"), add("noseg.width", b"32")
+    with caplog.at_level(logging.WARNING):
+        train(config(golden, shards, tmp_path / "run", max_train_steps=6, shuffle_buffer=4))
+    assert "Skipped" in caplog.text and "bad" in caplog.text
+    BrushNetModel.from_pretrained(tmp_path / "run")
+
+
+def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
+    base = str(golden("sd15_tiny_pipeline").dir)
+    args = ["train", "--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--report_to", "none",
+            "--max_train_steps", "1", "--train_batch_size", "2"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"garbage")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint-10").mkdir()
+    cases = [
+        (["--resolution", "12", "--output_dir", str(tmp_path / "o1")], "multiple of 8"),
+        (["--resolution", "16", "--output_dir", str(tmp_path / "done")], "another run"),
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o2"), "--train_data_dir", str(broken)],
+         "could be used"),
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o3"), "--pretrained_model_name_or_path",
+          str(tmp_path)], "not a diffusers base model"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "brushnet: error:" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["checkpoint-10"]

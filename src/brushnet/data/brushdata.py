@@ -219,7 +219,7 @@ class BrushDataShards(torch.utils.data.IterableDataset):
         # Only a stream of broken samples could go on this long without one good sample.
         limit = 10 * max(self.shuffle_buffer, 1) + 2 * getattr(self, "_epoch_samples", 10**9) + 100
         if self.repeat and consecutive > limit:
-            raise RuntimeError(
+            raise ValueError(
                 f"The last {consecutive} samples were all broken; check the shards "
                 f"(reasons so far: {dict(self._skips.reasons)})."
             )
@@ -260,7 +260,7 @@ class BrushDataShards(torch.utils.data.IterableDataset):
             if not self.repeat:
                 return
             if readable == 0:
-                raise RuntimeError(f"None of the {len(mine)} shard(s) of this worker could be read; see the warnings.")
+                raise ValueError(f"None of the {len(mine)} shard(s) of this worker could be read; see the warnings.")
             if count == 0:
                 logger.warning(
                     "No samples for DataLoader worker %d of %d (too few samples for the workers); it stops.",

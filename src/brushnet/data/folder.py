@@ -242,5 +242,5 @@ class ImageFolderDataset(torch.utils.data.IterableDataset):
                 )
                 return
             if good == 0:
-                raise RuntimeError(f"None of the {len(mine)} images of this worker could be used; see the warnings.")
+                raise ValueError(f"None of the {len(mine)} images of this worker could be used; see the warnings.")
             epoch += 1

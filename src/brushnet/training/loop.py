@@ -6,8 +6,8 @@ The recipe is the authors': a frozen SD1.5/SDXL UNet, VAE and text encoder(s); a
 warm-up. `accelerate launch` runs it on one or many GPUs; a plain call runs on CPU or one GPU.
 """
 
+import itertools
 import logging
-import math
 import random
 import shutil
 import time
@@ -42,6 +42,16 @@ def train(config: TrainConfig) -> Path:
     if config.seed is not None:
         set_seed(config.seed)
     seed = config.seed if config.seed is not None else random.randrange(2**31)
+
+    # -- data: each process and worker reads its own share of the shards ----------------------------
+    dataset = make_dataset(config, seed=seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
+                                         num_workers=config.dataloader_num_workers, collate_fn=_collate())
+    # Made before a resume restores the RNG state: making it draws from torch's RNG, as it did in
+    # the run being resumed.
+    batches = iter(loader)
+    # The first batch now, so data without one usable sample fails before any model loads.
+    batches = itertools.chain([next(batches)], batches)
 
     # -- models: frozen base, trainable branch -----------------------------------------------------
     base = load_base_components(config)
@@ -89,20 +99,17 @@ def train(config: TrainConfig) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    # -- resume ------------------------------------------------------------------------------------
+    # -- resume: weights, optimiser, lr schedule, RNG states, then the data fast-forwarded ----------
     global_step = 0
     checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[1])
-
-    # -- data: each process and worker reads its own share of the shards ----------------------------
-    dataset = make_dataset(config, seed=seed + global_step, rank=accelerator.process_index,
-                           world_size=accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
-                                         num_workers=config.dataloader_num_workers, collate_fn=_collate())
-    batches = iter(loader)
+        # The data streams keep no state in the checkpoint: replaying the batches already used
+        # puts them where an uninterrupted run would be, so the run continues the same trajectory.
+        for _ in range(global_step * config.gradient_accumulation_steps):
+            next(batches)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, config={
@@ -181,6 +188,9 @@ def train(config: TrainConfig) -> Path:
         final.save_pretrained(output_dir)
     accelerator.end_training()
     progress.close()
+    skipped = getattr(dataset, "skipped", 0)
+    if skipped and config.dataloader_num_workers == 0:  # workers count their own skips in their warnings
+        logger.warning("Skipped %d broken training sample(s): %s", skipped, dict(dataset.skip_reasons))
     return output_dir
 
 
@@ -199,6 +209,14 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"--mixed_precision must be no, fp16 or bf16; got {config.mixed_precision}.")
     if config.max_train_steps < 1 or config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ValueError("--max_train_steps, --train_batch_size and --gradient_accumulation_steps must be >= 1.")
+    if config.resolution < 8 or config.resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8 (the VAE and UNet downsample by 8); "
+                         f"got {config.resolution}.")
+    output_dir = Path(config.output_dir)
+    if not config.resume_from_checkpoint and (
+            _checkpoints(output_dir) or (output_dir / "diffusion_pytorch_model.safetensors").exists()):
+        raise ValueError(f"{output_dir} already holds another run's checkpoints or BrushNet: pass "
+                         "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
 
 
 class TextConditioning:
