@@ -1,0 +1,107 @@
+"""Time one SD1.5 BrushNet inpainting call: this package's step vs the reference's step.
+
+Full-size SD1.5 UNet and BrushNet (random weights: speed does not depend on their values), a
+full-size SD VAE, CFG on, precomputed prompt embeddings. "reference" replays the authors' step on
+the same models: the branch runs on the whole CFG batch with the conditioning duplicated, and the
+masked image is VAE-encoded for the doubled batch. Both give the same images (see
+tests/test_pipelines.py); only the work differs.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
+from PIL import Image
+
+from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline, unet_forward
+
+
+def sd15_pipeline(device, dtype) -> StableDiffusionBrushNetPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215,
+    )
+    brushnet = BrushNetModel.from_unet(unet)
+    scheduler = UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        final_sigmas_type="sigma_min")
+    pipe = StableDiffusionBrushNetPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                           brushnet=brushnet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def reference_step(pipe):
+    """The authors' step: branch on the full CFG batch, conditioning duplicated."""
+    def step(latent_model_input, t, prompt_embeds, conditioning, scale, *, guess_mode, unet_kwargs,
+             brushnet_added_cond_kwargs=None):
+        down, mid, up = pipe.brushnet(latent_model_input, t, encoder_hidden_states=prompt_embeds,
+                                      brushnet_cond=torch.cat([conditioning] * 2), conditioning_scale=scale,
+                                      return_dict=False)
+        return unet_forward(pipe.unet, latent_model_input, t, prompt_embeds, down_block_add_samples=down,
+                            mid_block_add_sample=mid, up_block_add_samples=up, **unet_kwargs)
+    return step
+
+
+def reference_encode(pipe):
+    """The authors encode the CFG-doubled batch of masked images."""
+    def encode(pixels):
+        return pipe.vae.encode(torch.cat([pixels] * 2).to(pipe.vae.dtype)).latent_dist.mode()[: pixels.shape[0]]
+    return encode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    args = parser.parse_args()
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+
+    pipe = sd15_pipeline(args.device, dtype)
+    image = Image.new("RGB", (args.size, args.size), (120, 90, 60))
+    mask = Image.new("L", (args.size, args.size), 0)
+    mask.paste(255, (args.size // 4, args.size // 4, 3 * args.size // 4, 3 * args.size // 4))
+    embeds = torch.randn(1, 77, 768, device=args.device, dtype=dtype)
+
+    def call():
+        pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), image=image, mask=mask,
+             num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="np")
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    results = {}
+    for name in ("ours", "reference", "ours"):  # ours twice: the first run also warms up
+        if name == "reference":
+            pipe.predict_noise, pipe._vae_encode = reference_step(pipe), reference_encode(pipe)
+        else:
+            pipe.__dict__.pop("predict_noise", None), pipe.__dict__.pop("_vae_encode", None)
+        call()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        results[name] = statistics.median(times)
+    print(f"device={args.device} dtype={args.dtype} size={args.size} steps={args.steps} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    for name, seconds in results.items():
+        print(f"{name:10s} {seconds:8.2f} s/call  {seconds / args.steps:7.2f} s/step")
+    print(f"speed-up   {results['reference'] / results['ours']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
