@@ -47,7 +47,6 @@ def test_every_residual_and_noise_prediction(model_case):
                 case.check(f"{prefix}.up_res.{i}", r, MODEL_REL)
         else:
             # Each residual relative to the scale-1.0 run carries exactly the run's multiplier.
-            multipliers = case[f"{prefix}.residual_multipliers"]
             ratios = torch.tensor([
                 (r.double() * f.double()).sum() / f.double().square().sum()
                 for r, f in zip([*down, mid, *up], [*first[0], first[1], *first[2]])

@@ -11,6 +11,8 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from .transforms import training_sample
+
 logger = logging.getLogger("brushnet.data")
 
 # Salts keep the shared order stream and the per-worker streams apart.
@@ -110,3 +112,58 @@ class SkipLog:
         if tag not in self._once:
             self._once.add(tag)
             logger.warning(message, *args)
+
+
+class RecordDataset(torch.utils.data.IterableDataset):
+    """Both training datasets: common options, epochs, skip accounting, and the per-sample recipe
+    applied to the decoded records that a subclass's `records()` yields."""
+
+    def __init__(self, *, resolution: int, random_mask: bool, proportion_empty_prompts: float, seed: int,
+                 repeat: bool, rank: int, world_size: int):
+        super().__init__()
+        check_split(rank, world_size)
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive; got {resolution}.")
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1]; got {proportion_empty_prompts}.")
+        self.resolution = resolution
+        self.random_mask = random_mask
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.seed = seed
+        self.repeat = repeat
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._skips = SkipLog()
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far by this process/worker's copy of the dataset."""
+        return self._skips.count
+
+    @property
+    def skip_reasons(self):
+        """A Counter of skipped samples by reason."""
+        return self._skips.reasons
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary orders and augmentations between DataLoader passes (like DistributedSampler)."""
+        self.epoch = epoch
+
+    def records(self):
+        raise NotImplementedError
+
+    def __iter__(self):
+        slot, _ = worker_slot(self.rank, self.world_size)
+        rng = worker_generator(self.seed, self.epoch, slot, SAMPLE_SALT)
+        for record in self.records():
+            yield training_sample(
+                record.image,
+                None,
+                record.caption,
+                resolution=self.resolution,
+                rng=rng,
+                random_mask=self.random_mask,
+                proportion_empty_prompts=self.proportion_empty_prompts,
+                segmentation_masks=record.segmentation_masks,
+            )

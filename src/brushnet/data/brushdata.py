@@ -27,24 +27,20 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-import torch
 
 from ..masks import check_rle
 from ._stream import (
     BUFFER_SALT,
-    SAMPLE_SALT,
     BrokenSample,
     Record,
-    SkipLog,
+    RecordDataset,
     buffer_shuffle,
-    check_split,
     decode_image,
     epoch_order,
     logger,
     worker_generator,
     worker_slot,
 )
-from .transforms import training_sample
 
 IMAGE_FIELDS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "txt")
@@ -118,7 +114,7 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError("truncated: the archive ends without its end-of-archive blocks") from None
 
 
-class BrushDataShards(torch.utils.data.IterableDataset):
+class BrushDataShards(RecordDataset):
     """BrushData webdataset shards as a stream of BrushNet training samples.
 
     Each item is `training_sample`'s dict: pixel_values and conditioning_pixel_values (3, R, R)
@@ -151,53 +147,11 @@ class BrushDataShards(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ):
-        super().__init__()
-        check_split(rank, world_size)
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive; got {resolution}.")
-        if not 0.0 <= proportion_empty_prompts <= 1.0:
-            raise ValueError(f"proportion_empty_prompts must be in [0, 1]; got {proportion_empty_prompts}.")
+        super().__init__(resolution=resolution, random_mask=random_mask, proportion_empty_prompts=proportion_empty_prompts,
+                         seed=seed, repeat=repeat, rank=rank, world_size=world_size)
         self.shards = resolve_shards(shards)
-        self.resolution = resolution
-        self.random_mask = random_mask
-        self.proportion_empty_prompts = proportion_empty_prompts
-        self.seed = seed
         self.shuffle_buffer = shuffle_buffer
-        self.repeat = repeat
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
         self.unreadable_shards = 0
-        self._skips = SkipLog()
-
-    @property
-    def skipped(self) -> int:
-        """Samples skipped so far by this process/worker's copy of the dataset."""
-        return self._skips.count
-
-    @property
-    def skip_reasons(self):
-        """A Counter of skipped samples by reason."""
-        return self._skips.reasons
-
-    def set_epoch(self, epoch: int) -> None:
-        """Vary shard orders and augmentations between DataLoader passes (like DistributedSampler)."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[dict]:
-        slot, _ = worker_slot(self.rank, self.world_size)
-        rng = worker_generator(self.seed, self.epoch, slot, SAMPLE_SALT)
-        for record in self.records():
-            yield training_sample(
-                record.image,
-                None,
-                record.caption,
-                resolution=self.resolution,
-                rng=rng,
-                random_mask=self.random_mask,
-                proportion_empty_prompts=self.proportion_empty_prompts,
-                segmentation_masks=record.segmentation_masks,
-            )
 
     def records(self) -> Iterator[Record]:
         """This worker's samples decoded but not augmented, in the shuffled stream order."""

@@ -25,22 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..masks import check_rle, load_mask
 from ._stream import (
-    SAMPLE_SALT,
     BrokenSample,
     Record,
-    SkipLog,
-    check_split,
+    RecordDataset,
     decode_image,
     epoch_order,
     logger,
-    worker_generator,
     worker_slot,
 )
-from .transforms import training_sample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MASK_FOLDER = "masks"
@@ -132,7 +127,7 @@ def read_segmentation(path: Path, height: int, width: int) -> list:
     return segmentation["mask"]
 
 
-class ImageFolderDataset(torch.utils.data.IterableDataset):
+class ImageFolderDataset(RecordDataset):
     """A folder of images, captions and masks (see the module doc) as BrushNet training samples.
 
     Same items as `BrushDataShards` (`training_sample`'s dict) and the same options. The image
@@ -155,24 +150,11 @@ class ImageFolderDataset(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ):
-        super().__init__()
-        check_split(rank, world_size)
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive; got {resolution}.")
-        if not 0.0 <= proportion_empty_prompts <= 1.0:
-            raise ValueError(f"proportion_empty_prompts must be in [0, 1]; got {proportion_empty_prompts}.")
+        super().__init__(resolution=resolution, random_mask=random_mask, proportion_empty_prompts=proportion_empty_prompts,
+                         seed=seed, repeat=repeat, rank=rank, world_size=world_size)
         self.folder = Path(folder)
         self.items = list_folder(folder)
-        self.resolution = resolution
-        self.random_mask = random_mask
-        self.proportion_empty_prompts = proportion_empty_prompts
-        self.seed = seed
         self.shuffle = shuffle
-        self.repeat = repeat
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self._skips = SkipLog()
         uncaptioned = sum(item.caption is None for item in self.items)
         if uncaptioned:
             logger.warning(
@@ -187,34 +169,6 @@ class ImageFolderDataset(torch.utils.data.IterableDataset):
                 "Use random_mask=True for a folder of images only.",
                 MASK_FOLDER,
                 self.folder,
-            )
-
-    @property
-    def skipped(self) -> int:
-        """Images skipped so far by this process/worker's copy of the dataset."""
-        return self._skips.count
-
-    @property
-    def skip_reasons(self):
-        return self._skips.reasons
-
-    def set_epoch(self, epoch: int) -> None:
-        """Vary orders and augmentations between DataLoader passes."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[dict]:
-        slot, _ = worker_slot(self.rank, self.world_size)
-        rng = worker_generator(self.seed, self.epoch, slot, SAMPLE_SALT)
-        for record in self.records():
-            yield training_sample(
-                record.image,
-                None,
-                record.caption,
-                resolution=self.resolution,
-                rng=rng,
-                random_mask=self.random_mask,
-                proportion_empty_prompts=self.proportion_empty_prompts,
-                segmentation_masks=record.segmentation_masks,
             )
 
     def records(self) -> Iterator[Record]:
