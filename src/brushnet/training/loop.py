@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 def train(config: TrainConfig) -> Path:
     """Train a BrushNet as `config` says; returns the folder of the final BrushNet."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -33,6 +34,9 @@ def train(config: TrainConfig) -> Path:
 
     _check_config(config)
     output_dir = Path(config.output_dir)
+    # A second run in the same process (a notebook, the tests) may ask for another precision;
+    # accelerate keeps the first one's state unless it is cleared.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
