@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-images", type=int, default=1, help="images per call (the batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     args = parser.parse_args()
@@ -79,7 +80,8 @@ def main():
 
     def call():
         pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), image=image, mask=mask,
-             num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="np")
+             num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
+             generator=torch.Generator().manual_seed(0), output_type="np")
         if args.device == "cuda":
             torch.cuda.synchronize()
 
@@ -96,7 +98,7 @@ def main():
             call()
             times.append(time.perf_counter() - start)
         results[name] = statistics.median(times)
-    print(f"device={args.device} dtype={args.dtype} size={args.size} steps={args.steps} "
+    print(f"device={args.device} dtype={args.dtype} size={args.size} images={args.num_images} steps={args.steps} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     for name, seconds in results.items():
         print(f"{name:10s} {seconds:8.2f} s/call  {seconds / args.steps:7.2f} s/step")

@@ -9,6 +9,7 @@ Each setting runs in its own process so its peak memory (max RSS) is its own.
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,7 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GOLDEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "golden" / "sd15_tiny_pipeline" / "tokenizer"
+# Any CLIP tokenizer will do: the weights are random. The golden tiny one needs no download.
+GOLDEN_TOKENIZER = Path(os.environ.get(
+    "BRUSHNET_BENCH_TOKENIZER",
+    Path(__file__).resolve().parents[2] / "shared" / "golden" / "sd15_tiny_pipeline" / "tokenizer"))
 
 
 def full_size_base(cfg):
@@ -71,11 +75,15 @@ def run_one(args) -> dict:
     train(TrainConfig(pretrained_model_name_or_path=str(work / "base"), train_data_dir=str(work / "data"),
                       output_dir=str(work / "out"), resolution=args.resolution, train_batch_size=args.batch,
                       max_train_steps=args.steps + 1, random_mask=True, report_to="none", seed=0,
-                      checkpointing_steps=10**9, gradient_checkpointing=args.run == "checkpointing"))
+                      checkpointing_steps=10**9, gradient_checkpointing=args.run == "checkpointing",
+                      mixed_precision=args.mixed_precision))
     durations = np.diff(step_times)  # the first step (warm-up) is left out
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"setting": args.run, "s_per_step": float(np.median(durations)),
             "samples_per_s": args.batch / float(np.median(durations)),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_gpu_gib": gpu}
 
 
 def main():
@@ -83,6 +91,7 @@ def main():
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--run", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -90,15 +99,18 @@ def main():
         return
     import torch
 
-    print(f"resolution={args.resolution} batch={args.batch} measured steps={args.steps} "
-          f"threads={torch.get_num_threads()}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device={device} resolution={args.resolution} batch={args.batch} measured steps={args.steps} "
+          f"mixed_precision={args.mixed_precision} threads={torch.get_num_threads()}")
     for setting in ("plain", "checkpointing"):
         out = subprocess.run([sys.executable, __file__, "--run", setting, "--resolution", str(args.resolution),
-                              "--batch", str(args.batch), "--steps", str(args.steps)],
+                              "--batch", str(args.batch), "--steps", str(args.steps),
+                              "--mixed-precision", args.mixed_precision],
                              capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
+        gpu = f"  peak GPU {result['peak_gpu_gib']:5.1f} GiB" if result["peak_gpu_gib"] is not None else ""
         print(f"{setting:14s} {result['s_per_step']:7.2f} s/step  {result['samples_per_s']:6.3f} samples/s  "
-              f"peak RSS {result['peak_rss_gib']:5.1f} GiB")
+              f"peak RSS {result['peak_rss_gib']:5.1f} GiB{gpu}")
 
 
 if __name__ == "__main__":
