@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--overwrite", action="store_true", help="replace existing shards")
     pack.set_defaults(func=cmd_data_pack)
 
+    from .evaluation.cli import add_bench_command
+
+    add_bench_command(commands)
+
     info = commands.add_parser("info", help="print the generation parameters stored in an output PNG")
     info.add_argument("png", metavar="OUTPUT.png")
     info.set_defaults(func=cmd_info)
@@ -307,12 +311,15 @@ def _prepare_output_folders(paths: list[Path]) -> None:
             raise UserError(f"the output folder {folder} is not writable: choose another --out")
 
 
-def _device(name: str) -> str:
+def _device(name: str, process_device: str | None = None) -> str:
+    """The torch device for --device; under a multi-process launch, this process's own GPU."""
     import torch
 
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    if process_device and process_device.startswith("cuda") and name in ("auto", "cuda"):
+        return process_device
     if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is available")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -331,32 +338,43 @@ def _dtype(name: str, device: str):
 
 def _load(args):
     """Load the pipeline named on the command line; returns it and the parameters to record."""
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    pipe = load_pipeline_from_args(args, device, dtype)
+    pipe.set_progress_bar_config(leave=False, desc="steps")
+    return pipe, model_params(args, dtype)
+
+
+def load_pipeline_from_args(args, device: str, dtype):
+    """The pipeline of --base/--brushnet with --scheduler, on --device or offloaded as --offload says."""
     from .loading import load_pipeline
-    from .metadata import model_fingerprint
     from .schedulers import SCHEDULERS, make_scheduler
 
     if not args.base or not args.brushnet:
         raise UserError(NO_MODEL)
     if args.scheduler not in SCHEDULERS:
         raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
+    if args.offload != "none" and device == "cpu":
+        raise UserError("--offload needs a GPU (--device cuda or mps)")
     pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
                          base_config=args.base_config)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if args.offload == "none":
         pipe.to(device)
-    elif device == "cpu":
-        raise UserError("--offload needs a GPU (--device cuda or mps)")
     elif args.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.enable_sequential_cpu_offload(device=device)
-    pipe.set_progress_bar_config(leave=False, desc="steps")
-    params = {"base": str(args.base), "brushnet": str(args.brushnet), "base_hash": model_fingerprint(args.base),
-              "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
-              "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
-    return pipe, params
+    return pipe
+
+
+def model_params(args, dtype) -> dict:
+    """What outputs record about the models: names, weight fingerprints, scheduler, precision."""
+    from .metadata import model_fingerprint
+
+    return {"base": str(args.base), "brushnet": str(args.brushnet), "base_hash": model_fingerprint(args.base),
+            "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
+            "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
 
 
 def _run_jobs(pipe, model_params: dict, args, loaded) -> None:

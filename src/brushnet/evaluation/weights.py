@@ -1,0 +1,98 @@
+"""Weight files of the evaluation models: resolving, reading and strict loading.
+
+Every scorer loads its weights explicitly from a file the user names. A file is given as
+
+- a local path (`.safetensors`, or a PyTorch file such as `.pth` read with `weights_only=True`,
+  which unpickles tensors and plain containers only, so it cannot run code), or
+- `hf://OWNER/REPO/PATH/IN/REPO`: downloaded with `huggingface_hub.hf_hub_download` on a machine
+  with the network (and found in the local cache offline).
+
+Nothing here downloads anything unless an `hf://` reference is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+HUB_PREFIX = "hf://"
+
+
+def resolve_file(spec: str | os.PathLike, what: str) -> Path:
+    """The local path of a weight file given as a path or an `hf://OWNER/REPO/FILE` reference.
+
+    `what` names the file in error messages ("the LPIPS heads file")."""
+    text = str(spec)
+    if text.startswith(HUB_PREFIX):
+        parts = text[len(HUB_PREFIX):].split("/")
+        if len(parts) < 3 or not all(parts):
+            raise ValueError(f"{what} {text!r} is not a hub reference of the form hf://OWNER/REPO/PATH/IN/REPO.")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+        except Exception as error:  # offline, missing repo/file, no permission: all one message
+            raise ValueError(f"Could not get {what} {text} from the Hugging Face Hub "
+                             f"({_first_line(error)}): download it and pass its local path.") from None
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ValueError(f"{what} {path} does not exist: pass the path of the downloaded file.")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is a folder, not a weights file.")
+    return path
+
+
+def read_state_dict(spec: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file (see the module docstring for what `spec` may be)."""
+    path = resolve_file(spec, what)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = load_file(str(path))
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt file, a pickle holding code, an unknown format
+        raise ValueError(f"{what} {path} could not be read as a weights file ({_first_line(error)}).") from None
+    # Some checkpoints wrap their weights: {"state_dict": {...}}.
+    while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{what} {path} does not hold a state dict of tensors.")
+    return dict(loaded)
+
+
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
+                optional: Iterable[str] = ()) -> None:
+    """Load `state_dict` into `module`; every key must match in name and shape.
+
+    Keys in `optional` may be present in the file (and are then ignored) or absent: e.g. the
+    ImageNet classifier that torchvision's SqueezeNet file carries but LPIPS does not use.
+    Raises ValueError naming the first missing, unexpected or mis-shaped keys.
+    """
+    optional = set(optional)
+    state_dict = {k: v for k, v in state_dict.items() if k not in optional}
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} key(s) such as {', '.join(missing[:3])}")
+        if unexpected:
+            details.append(f"unexpected {len(unexpected)} key(s) such as {', '.join(unexpected[:3])}")
+        raise ValueError(f"{what} does not fit the model ({'; '.join(details)}): pass the right file.")
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+             for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise ValueError(f"{what} does not fit the model: {len(wrong)} tensor(s) of the wrong shape, "
+                         f"such as {', '.join(wrong[:2])}.")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
