@@ -1,0 +1,195 @@
+"""The demo model's procedural scenes: determinism, exact masks and colours, captions, files."""
+
+import itertools
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from brushnet.data import ImageFolderDataset
+from brushnet.data.folder import list_folder, read_item
+from brushnet.data.transforms import open_mask
+from brushnet.demo import scenes
+from brushnet.masks import rle_decode
+
+SEEDS = range(300)
+
+
+@pytest.fixture(scope="module")
+def many():
+    return list(scenes.iter_scenes(SEEDS))
+
+
+def test_palette_and_vocabulary():
+    assert list(scenes.PALETTE) == ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    rgb = np.array(list(scenes.PALETTE.values()))
+    closest = min(np.linalg.norm(a - b) for a, b in itertools.combinations(rgb, 2))
+    assert closest > 80
+    assert scenes.VOCABULARY == sorted(set(scenes.VOCABULARY))
+    assert set(scenes.PALETTE) | set(scenes.SHAPES) <= set(scenes.VOCABULARY)
+
+
+def test_same_seed_same_scene_and_different_seeds_differ():
+    a, b = scenes.make_scene(1234), scenes.make_scene(1234)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.caption == b.caption and a.background == b.background and a.seed == 1234
+    assert all(np.array_equal(x.mask, y.mask) and x.box == y.box for x, y in zip(a.shapes, b.shapes))
+    images = {np.asarray(s.image).tobytes() for s in scenes.iter_scenes(range(50))}
+    assert len(images) == 50
+
+
+def test_shapes_are_exact_and_visible(many):
+    counts = set()
+    for scene in many:
+        pixels = np.asarray(scene.image)
+        assert scene.image.mode == "RGB" and scene.image.size == (scenes.SIZE, scenes.SIZE)
+        assert 1 <= len(scene.shapes) <= scenes.MAX_SHAPES
+        counts.add(len(scene.shapes))
+        union = np.zeros((scenes.SIZE, scenes.SIZE), bool)
+        for shape in scene.shapes:
+            assert shape.kind in scenes.SHAPES and shape.colour in scenes.PALETTE
+            assert shape.mask.dtype == bool and shape.mask.shape == (scenes.SIZE, scenes.SIZE)
+            assert shape.mask.sum() >= 30, (scene.seed, shape.kind)
+            assert (pixels[shape.mask] == scenes.PALETTE[shape.colour]).all()
+            assert not (union & shape.mask).any()  # visible masks never overlap
+            union |= shape.mask
+            left, top, right, bottom = shape.box
+            assert 0 <= left < right <= scenes.SIZE and 0 <= top < bottom <= scenes.SIZE
+            assert scenes.MIN_SHAPE_SIZE - 3 <= max(right - left, bottom - top) <= scenes.MAX_SHAPE_SIZE
+            outside = np.ones_like(shape.mask)
+            outside[top:bottom, left:right] = False
+            assert not (shape.mask & outside).any()
+        # Background colours never equal a shape colour, and no background pixel reads as one.
+        background = scenes.nearest_palette_colour(pixels[~union])
+        shape_colours = {scenes.COLOURS.index(shape.colour) for shape in scene.shapes}
+        assert not shape_colours & set(background.tolist())
+        assert not shape_colours & {scenes.COLOURS.index(c) for c in scene.background.colours}
+    assert counts == {1, 2, 3, 4}
+    assert {s.background.kind for s in many} == set(scenes.BACKGROUNDS)
+    assert {shape.kind for s in many for shape in s.shapes} == set(scenes.SHAPES)
+
+
+def test_every_gradient_leaves_shape_colours():
+    t = (np.arange(scenes.SIZE) / (scenes.SIZE - 1))[:, None]
+    rgb = np.array(list(scenes.PALETTE.values()))
+    for a, b in itertools.permutations(range(len(rgb)), 2):
+        seen = set(scenes.nearest_palette_colour(np.rint(rgb[a] * (1 - t) + rgb[b] * t)).tolist())
+        assert len(seen) <= len(rgb) - 2
+
+
+def test_captions(many):
+    for scene in many:
+        assert set(scenes.caption_words(scene.caption)) <= set(scenes.VOCABULARY)
+        for shape in scene.shapes:
+            assert scenes.shape_caption(shape.kind, shape.colour) in scene.caption
+        assert scene.caption.endswith(" on " + scenes.background_caption(scene.background))
+        assert all(c in scene.caption.split(" on ")[-1] for c in scene.background.colours)
+    assert scenes.scene_caption([("circle", "red"), ("square", "blue")], scenes.Background("flat", ("yellow",))) == (
+        "a red circle and a blue square on a yellow background"
+    )
+    assert scenes.scene_caption(
+        [("star", "green"), ("ring", "white"), ("triangle", "black")],
+        scenes.Background("stripes", ("purple", "orange"), axis=1, period=4),
+    ) == "a green star, a white ring and a black triangle on a purple and orange striped background"
+    assert scenes.shape_caption("ring", "orange") == "an orange ring"
+    assert scenes.caption_words("a red star, a blue ring and a red ring") == [
+        "a", "red", "star", ",", "a", "blue", "ring", "and", "a", "red", "ring"
+    ]
+
+
+def test_splits_are_disjoint():
+    assert not set(scenes.TRAIN_SEEDS) & set(scenes.HELDOUT_SEEDS)
+    assert len(scenes.HELDOUT_SEEDS) == 200
+
+
+def test_removal_example(many):
+    scene = next(s for s in many if len(s.shapes) >= 2)
+    for index, shape in enumerate(scene.shapes):
+        example = scenes.removal_example(scene, index)
+        masked_image, mask, prompt, colour, image = example
+        hole = np.asarray(mask) == 255
+        assert mask.mode == "L" and set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        assert hole[shape.mask].all()
+        assert np.array_equal(hole, scenes.dilate(shape.mask, scenes.REMOVAL_DILATION))
+        assert hole.sum() > shape.mask.sum()
+        assert (np.asarray(masked_image)[hole] == 0).all()
+        assert np.array_equal(np.asarray(masked_image)[~hole], np.asarray(scene.image)[~hole])
+        assert prompt == scenes.shape_caption(shape.kind, shape.colour) and prompt in scene.caption
+        assert colour == scenes.PALETTE[shape.colour]
+        assert image is scene.image
+        assert scenes.colour_fraction(image, shape.mask, shape.colour) == 1.0
+        assert scenes.colour_fraction(masked_image, shape.mask, "black") == 1.0
+
+
+def test_dilate():
+    mask = np.zeros((7, 7), bool)
+    mask[3, 3] = True
+    assert scenes.dilate(mask, 1).sum() == 9 and scenes.dilate(mask, 2).sum() == 25
+    assert np.array_equal(scenes.dilate(mask, 0), mask)
+
+
+def test_nearest_palette_colour_and_colour_fraction():
+    rgb = np.array(list(scenes.PALETTE.values()), np.uint8)
+    assert scenes.nearest_palette_colour(rgb).tolist() == list(range(8))
+    noisy = np.clip(rgb.astype(int) + np.array([12, -15, 10]), 0, 255)
+    assert scenes.nearest_palette_colour(noisy).tolist() == list(range(8))
+    assert scenes.nearest_palette_colour(np.zeros((2, 3, 3), np.uint8)).shape == (2, 3)
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[:, :2] = scenes.PALETTE["red"]
+    image[:, 2:] = (200, 40, 40)  # a reddish shade, not exact
+    image[0, :] = scenes.PALETTE["blue"]
+    mask = np.ones((4, 4), bool)
+    assert scenes.colour_fraction(image, mask, "red") == 0.75
+    assert scenes.colour_fraction(PIL.Image.fromarray(image), mask, "blue") == 0.25
+    assert scenes.colour_fraction(image, mask.astype(np.uint8) * 255, "green") == 0.0
+    with pytest.raises(ValueError):
+        scenes.colour_fraction(image, np.zeros((4, 4), bool), "red")
+    with pytest.raises(ValueError):
+        scenes.colour_fraction(image, mask, "pink")
+
+
+def test_write_folder_round_trip(tmp_path):
+    seeds = [3, 1_000_005, 42, 7]
+    folder = scenes.write_folder(tmp_path / "scenes", seeds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes"]  # no temporary folder left
+    by_stem = {scenes.scene_stem(seed): scenes.make_scene(seed) for seed in seeds}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        stem + ext for stem in by_stem for ext in (".png", ".txt", ".json")
+    )
+    # The exact files: image, caption and one RLE per shape, decoding to the shape's pixels.
+    for item in list_folder(folder):
+        scene = by_stem[item.stem]
+        record = read_item(item)
+        assert np.array_equal(np.asarray(record.image), np.asarray(scene.image))
+        assert record.caption == scene.caption
+        assert len(record.segmentation_masks) == len(scene.shapes)
+        for rle, shape in zip(record.segmentation_masks, scene.shapes):
+            assert np.array_equal(rle_decode(rle, scenes.SIZE, scenes.SIZE, order="F"), shape.mask)
+        shapes = json.loads(item.segmentation.read_text())["shapes"]
+        assert shapes == [{"kind": s.kind, "colour": s.colour} for s in scene.shapes]
+    # Through the training dataset: right captions; each mask is one shape (maybe opened, maybe inverted).
+    items = list(ImageFolderDataset(folder, resolution=64, repeat=False, seed=0))
+    assert len(items) == len(seeds)
+    for item in items:
+        pixels = np.rint((item["pixel_values"].numpy().transpose(1, 2, 0) + 1) * 127.5)
+        scene = next(s for s in by_stem.values() if np.abs(pixels - np.asarray(s.image)).max() <= 1)
+        assert item["caption"] == scene.caption
+        keep = item["masks"][0].numpy() > 0.5
+        candidates = [m for s in scene.shapes for m in (s.mask, open_mask(s.mask))]
+        assert any(np.array_equal(keep, m) or np.array_equal(~keep, m) for m in candidates)
+
+
+def test_write_folder_refuses_and_options(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "x.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        scenes.write_folder(occupied, [0])
+    assert [p.name for p in occupied.iterdir()] == ["x.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    scenes.write_folder(empty, [0, 1], masks=None)
+    assert sorted(p.suffix for p in empty.iterdir()) == [".png", ".png", ".txt", ".txt"]
+    with pytest.raises(ValueError):
+        scenes.write_folder(tmp_path / "bad", [0], masks="png")
