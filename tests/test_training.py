@@ -141,6 +141,7 @@ def test_option_names_and_errors(tmp_path):
         (2e-5, 3, True, 2)
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.adam_weight_decay, cfg.max_grad_norm) == \
         ("constant", 500, 1e-2, 1.0)
+    assert parse_train_args(["--resume", "latest"]).resume_from_checkpoint == "latest"
     with pytest.raises(ValueError, match="does not exist"):
         train(TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(tmp_path / "nothing")))
 

@@ -66,11 +66,14 @@ _HELP = {
     "brushnet_model_name_or_path": "BrushNet to continue from (default: initialised from the base UNet)",
     "train_data_dir": "BrushData *.tar shards, or a folder of images with same-stem .txt captions",
     "random_mask": "train with random brush masks instead of the segmentation masks",
-    "resume_from_checkpoint": "a checkpoint-N folder, or 'latest'",
+    "resume_from_checkpoint": "a checkpoint-N folder, or 'latest' (also --resume)",
     "masked_loss_weight": "weight of the hole's pixels in the loss (1 = plain MSE as in the paper)",
     "report_to": "tensorboard, wandb, all or none",
     "validation_image": "images to inpaint at every validation (with --validation_mask and --validation_prompt)",
 }
+
+
+_ALIASES = {"resume_from_checkpoint": ["--resume"]}
 
 
 def _value_type(annotation):
@@ -83,6 +86,7 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     parser = parser or argparse.ArgumentParser(prog="brushnet train", description="Train a BrushNet.")
     for f in fields(TrainConfig):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names += _ALIASES.get(f.name, [])
         kwargs = {"dest": f.name, "help": _HELP.get(f.name)}
         if f.type is bool:
             parser.add_argument(*names, action="store_true", **kwargs)
