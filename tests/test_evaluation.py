@@ -404,16 +404,16 @@ def test_metric_selection():
     with pytest.raises(ValueError, match="aesthetic needs --clip-model"):
         M.resolve_metrics("auto", {"lpips": ("a", "b"), "aesthetic": "y"})
     assert M.resolve_metrics("auto", {"clip": "x", "aesthetic": "y"}) == ["aesthetic", "psnr", "mse", "clip"]
-    assert M.resolve_metrics("all", {"lpips": ("a", "b"), "clip": "x", "aesthetic": "y"}) == \
-        ["aesthetic", "psnr", "mse", "lpips", "clip"]
+    assert M.resolve_metrics("all", {"lpips": ("a", "b"), "clip": "x", "aesthetic": "y", "hps": "z"}) == \
+        ["hps", "aesthetic", "psnr", "mse", "lpips", "clip"]
     with pytest.raises(ValueError, match="--lpips-weights.*--clip-model.*--aesthetic-weights"):
         M.resolve_metrics("all", {})
     with pytest.raises(ValueError, match="aesthetic needs --aesthetic-weights"):
         M.resolve_metrics("aesthetic", {"clip": "x"})
     with pytest.raises(ValueError, match="aesthetic needs --clip-model"):
         M.resolve_metrics("auto", {"aesthetic": "y"})
-    with pytest.raises(ValueError, match="HPS v2.1.*not implemented"):
-        M.resolve_metrics("psnr,hps")
+    with pytest.raises(ValueError, match="ImageReward v1.0.*not implemented"):
+        M.resolve_metrics("psnr,image_reward")
     with pytest.raises(ValueError, match="Unknown metric 'ssim'"):
         M.resolve_metrics(["ssim"])
     with pytest.raises(ValueError, match="must be 2 paths"):
@@ -443,8 +443,8 @@ def test_run_benchmark_generates_scores_resumes_and_reports(bench, tmp_path, tin
     out = tmp_path / "out"
     weights = {"lpips": lpips_files, "clip": str(clip_dir), "aesthetic": str(aesthetic_file)}
     settings = paper_settings(steps=2)
-    common = {"settings": settings, "metrics": "all", "weights": weights, "grid": GRID, "progress": False,
-              "model_params": {"brushnet_hash": "abc"}}
+    common = {"settings": settings, "metrics": "aesthetic,psnr,mse,lpips,clip", "weights": weights, "grid": GRID,
+              "progress": False, "model_params": {"brushnet_hash": "abc"}}
     summary = run_benchmark(bench, out, pipe=tiny_pipe, **common)
 
     assert summary["count"] == 3 and summary["generated"] == 3 and summary["skipped"] == 0

@@ -26,6 +26,7 @@ _EXPORTS = {
     "CLIPSimilarity": ".clip",
     "AestheticHead": ".clip",
     "AestheticScore": ".clip",
+    "HPSv2Score": ".hps",
     "paper_settings": ".runner",
     "run_benchmark": ".runner",
 }

@@ -6,7 +6,7 @@ add_bench_command(commands)`. The sub-command's `func` is `cmd_bench`.
     brushnet bench data/BrushBench --mask-key inpainting_mask --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --brushnet data/ckpt/segmentation_mask_brushnet_ckpt --out runs/brushbench-inside \\
         --lpips-weights squeezenet1_1-b8a52dc0.pth squeeze.pth --clip-model clip-vit-large-patch14 \\
-        --aesthetic-weights sa_0_4_vit_l_14_linear.pth --paper-compat
+        --aesthetic-weights sa_0_4_vit_l_14_linear.pth --hps-weights HPS_v2.1_compressed.pt --paper-compat
     # several GPUs: items split by index % world_size, summary written by process 0
     accelerate launch --num_processes 4 -m brushnet bench data/BrushBench ... --out runs/brushbench-inside
     # results made elsewhere (<id>.png / .jpg, or laid out as the benchmark's images)
@@ -60,7 +60,7 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
                          "instead of generating")
     ev.add_argument("--metrics", default="auto",
                     help="auto (default: psnr, mse and every metric whose weights are given), all, or a list "
-                         "such as psnr,mse,lpips,clip,aesthetic")
+                         "such as psnr,mse,lpips,clip,aesthetic,hps")
     ev.add_argument("--paper-compat", action="store_true",
                     help="PSNR/MSE with the authors' formula (squared error summed over RGB / kept pixels, "
                          "PSNR 1000 when MSE < 1e-10) instead of per-channel values")
@@ -72,6 +72,8 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", metavar="DIR",
                     help="CLIP ViT-L/14 folder (openai/clip-vit-large-patch14 layout; a hub id online)")
     ev.add_argument("--aesthetic-weights", metavar="FILE", help="LAION's sa_0_4_vit_l_14_linear.pth")
+    ev.add_argument("--hps-weights", metavar="FILE",
+                    help="HPS v2.1's HPS_v2.1_compressed.pt (needs --clip-model for CLIP's tokenizer)")
     ev.add_argument("--no-gallery", action="store_true", help="do not write gallery.html and its thumbnails")
     bench.set_defaults(func=cmd_bench)
     return bench
@@ -96,7 +98,7 @@ def cmd_bench(args) -> int:
     device = _device(args.device, process.device if process.world_size > 1 else None)
     dtype = _dtype(args.dtype, device)
     weights = {"lpips": tuple(args.lpips_weights) if args.lpips_weights else None,
-               "clip": args.clip_model, "aesthetic": args.aesthetic_weights}
+               "clip": args.clip_model, "aesthetic": args.aesthetic_weights, "hps": args.hps_weights}
     settings = InpaintSettings(
         prompt="", negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, scale=args.scale,
         start=args.start, end=args.end, seed=args.seed, blend=args.blend, blend_kernel=args.blend_kernel)

@@ -7,11 +7,12 @@ loads those files once and shares them (CLIP serves both the CLIP similarity and
 score).
 
 Implemented: `psnr`, `mse` (no weights), `lpips` (SqueezeNet-1.1 LPIPS), `clip` (CLIP ViT-L/14
-similarity) and `aesthetic` (LAION's linear head on CLIP ViT-L/14). Planned, not implemented:
-`image_reward` (ImageReward v1.0) and `hps` (HPS v2.1); asking for them is a clear error. To add
-one: write its scorer (a class with `__call__(sample) -> float`), add its weight files to
-`RESOURCES` if it needs new ones (with a loader in `Resources`), add a `MetricSpec` to `METRICS`
-and remove it from `PLANNED`; `--metrics all`, the reports and the paper table pick it up.
+similarity), `aesthetic` (LAION's linear head on CLIP ViT-L/14) and `hps` (HPS v2.1, OpenCLIP
+ViT-H-14 run as a transformers CLIPModel; it takes its tokenizer, CLIP's BPE vocabulary, from the
+`--clip-model` folder). Planned, not implemented: `image_reward` (ImageReward v1.0); asking for it
+is a clear error. To add one: write its scorer (a class with `__call__(sample) -> float`), add its
+weight files to `RESOURCES` if it needs new ones (with a loader in `Resources`), add a `MetricSpec`
+to `METRICS` and remove it from `PLANNED`; `--metrics all`, the reports and the paper table pick it up.
 
 PSNR and MSE are computed on the kept region (mask 0), in one of two modes:
 
@@ -151,6 +152,8 @@ RESOURCES: dict[str, ResourceSpec] = {
         "clip", "--clip-model DIR", "a CLIP ViT-L/14 folder in the openai/clip-vit-large-patch14 layout", 1),
     "aesthetic": ResourceSpec(
         "aesthetic", "--aesthetic-weights FILE", "LAION's sa_0_4_vit_l_14_linear.pth", 1),
+    "hps": ResourceSpec(
+        "hps", "--hps-weights FILE", "HPS v2.1's HPS_v2.1_compressed.pt (Hugging Face Hub: xswu/HPSv2)", 1),
 }
 
 
@@ -184,14 +187,22 @@ def _build_aesthetic(resources: Resources, paper_compat: bool):
     return AestheticScore(embedder, resources.aesthetic_head(embedder.embedding_dim))
 
 
+def _build_hps(resources: Resources, paper_compat: bool):
+    from .hps import HPSMetric
+
+    return HPSMetric(resources.hps())
+
+
 METRICS: dict[str, MetricSpec] = {
     "psnr": MetricSpec("psnr", "PSNR", "PSNR", 1.0, True, (), lambda r, p: MaskedPSNR(p)),
     "mse": MetricSpec("mse", "MSE", "MSE (×10³)", 1e3, False, (), lambda r, p: MaskedMSE(p)),
     "lpips": MetricSpec("lpips", "LPIPS", "LPIPS (×10³)", 1e3, False, ("lpips",), _build_lpips),
     "clip": MetricSpec("clip", "CLIP Sim", "CLIP Sim", 1.0, True, ("clip",), _build_clip),
     "aesthetic": MetricSpec("aesthetic", "Aesthetic Score", "AS", 1.0, True, ("clip", "aesthetic"), _build_aesthetic),
+    # The tokenizer of HPS (CLIP's BPE vocabulary) comes from the --clip-model folder.
+    "hps": MetricSpec("hps", "HPS v2.1", "HPS (×10²)", 1e2, True, ("clip", "hps"), _build_hps),
 }
-PLANNED = {"image_reward": "ImageReward v1.0 (IR, x10 in the paper)", "hps": "HPS v2.1 (x100 in the paper)"}
+PLANNED = {"image_reward": "ImageReward v1.0 (IR, x10 in the paper)"}
 # The column order of the paper's tables: IR, HPS, AS, PSNR, MSE, LPIPS, CLIP Sim.
 PAPER_ORDER = ("image_reward", "hps", "aesthetic", "psnr", "mse", "lpips", "clip")
 
@@ -291,6 +302,19 @@ class Resources:
         from .clip import AestheticHead
 
         return self._get("aesthetic", lambda: AestheticHead.from_file(self.weights["aesthetic"], dim))
+
+    def clip_tokenizer(self):
+        """The tokenizer of the --clip-model folder, without loading the CLIP model unless it is loaded."""
+        from .hps import load_clip_tokenizer
+
+        if "clip" in self._cache:
+            return self._cache["clip"].tokenizer
+        return self._get("clip_tokenizer", lambda: load_clip_tokenizer(self.weights["clip"]))
+
+    def hps(self):
+        from .hps import HPSv2Score
+
+        return self._get("hps", lambda: HPSv2Score.from_file(self.weights["hps"], self.clip_tokenizer(), self.device))
 
 
 def build_scorers(names: Sequence[str], weights: Mapping | None = None, device=None,

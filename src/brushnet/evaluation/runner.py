@@ -181,7 +181,7 @@ def run_benchmark(
     - `images_dir`: score results made elsewhere instead, found by id (`<id>.png`, `.jpg`, ...) or
       by the item's relative image path.
     - `metrics`: "auto" (PSNR, MSE and every metric whose weights are given), "all", or names;
-      `weights`: {"lpips": (backbone, heads), "clip": folder or hub id, "aesthetic": file} (see
+      `weights`: {"lpips": (backbone, heads), "clip": folder or hub id, "aesthetic": file, "hps": file} (see
       `brushnet.evaluation.metrics`). `paper_compat` selects the authors' PSNR/MSE formula.
     - `jpeg_quality`: score each result after a JPEG round trip at that quality (75 = what the
       authors' script does by saving results under the benchmark's .jpg names); the PNGs stay lossless.
