@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIP_MEAN, CLIP_STD, _pooled
-from .weights import read_state_dict
+from .weights import check_keys, read_state_dict
 
 CONTEXT_LENGTH = 77
 IGNORED_KEYS = ("attn_mask",)
@@ -166,23 +166,6 @@ def openclip_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     return out
 
 
-def _check_keys(expected: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        details = []
-        if missing:
-            details.append(f"missing {len(missing)} key(s) such as {', '.join(missing[:3])}")
-        if unexpected:
-            details.append(f"unexpected {len(unexpected)} key(s) such as {', '.join(unexpected[:3])}")
-        raise ValueError(f"{what} does not fit the model ({'; '.join(details)}): pass the right file.")
-    wrong = [f"{k} {tuple(v.shape)} (expected {expected[k]})"
-             for k, v in state_dict.items() if tuple(v.shape) != expected[k]]
-    if wrong:
-        raise ValueError(f"{what} does not fit the model: {len(wrong)} tensor(s) of the wrong shape, "
-                         f"such as {', '.join(wrong[:2])}.")
-
-
 def build_clip_model(converted: Mapping[str, torch.Tensor], config=None, what: str = "the HPS v2.1 checkpoint",
                      dtype: torch.dtype = torch.float32):
     """A `CLIPModel` (default: `hps_v21_config()`) holding `converted` (transformers keys), checked strictly.
@@ -194,7 +177,7 @@ def build_clip_model(converted: Mapping[str, torch.Tensor], config=None, what: s
     config = hps_v21_config() if config is None else config
     with torch.device("meta"):
         model = CLIPModel(config)
-    _check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, converted, what)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, converted, what)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     for name, module in model.named_modules():

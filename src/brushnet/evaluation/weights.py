@@ -75,7 +75,12 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     """
     optional = set(optional)
     state_dict = {k: v for k, v in state_dict.items() if k not in optional}
-    expected = module.state_dict()
+    check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict, what)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def check_keys(expected: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError unless `state_dict` has exactly the `expected` keys with those shapes."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -85,12 +90,11 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         if unexpected:
             details.append(f"unexpected {len(unexpected)} key(s) such as {', '.join(unexpected[:3])}")
         raise ValueError(f"{what} does not fit the model ({'; '.join(details)}): pass the right file.")
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-             for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k])})"
+             for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k])]
     if wrong:
         raise ValueError(f"{what} does not fit the model: {len(wrong)} tensor(s) of the wrong shape, "
                          f"such as {', '.join(wrong[:2])}.")
-    module.load_state_dict(state_dict, strict=True)
 
 
 def _first_line(error: BaseException) -> str:
