@@ -404,15 +404,16 @@ def test_metric_selection():
     with pytest.raises(ValueError, match="aesthetic needs --clip-model"):
         M.resolve_metrics("auto", {"lpips": ("a", "b"), "aesthetic": "y"})
     assert M.resolve_metrics("auto", {"clip": "x", "aesthetic": "y"}) == ["aesthetic", "psnr", "mse", "clip"]
-    assert M.resolve_metrics("all", {"lpips": ("a", "b"), "clip": "x", "aesthetic": "y", "hps": "z"}) == \
-        ["hps", "aesthetic", "psnr", "mse", "lpips", "clip"]
+    assert M.resolve_metrics("all", {"lpips": ("a", "b"), "clip": "x", "aesthetic": "y", "hps": "z",
+                                     "image_reward": ("ir.pt", "bert")}) == \
+        ["image_reward", "hps", "aesthetic", "psnr", "mse", "lpips", "clip"]
     with pytest.raises(ValueError, match="--lpips-weights.*--clip-model.*--aesthetic-weights"):
         M.resolve_metrics("all", {})
     with pytest.raises(ValueError, match="aesthetic needs --aesthetic-weights"):
         M.resolve_metrics("aesthetic", {"clip": "x"})
     with pytest.raises(ValueError, match="aesthetic needs --clip-model"):
         M.resolve_metrics("auto", {"aesthetic": "y"})
-    with pytest.raises(ValueError, match="ImageReward v1.0.*not implemented"):
+    with pytest.raises(ValueError, match="image_reward needs --image-reward-weights"):
         M.resolve_metrics("psnr,image_reward")
     with pytest.raises(ValueError, match="Unknown metric 'ssim'"):
         M.resolve_metrics(["ssim"])
@@ -465,7 +466,7 @@ def test_run_benchmark_generates_scores_resumes_and_reports(bench, tmp_path, tin
     assert saved["count"] == 3 and saved["settings"]["seed"] == 1234 and saved["paper_compat"] is False
     assert [r["metric"] for r in _read_csv(out / "summary.csv")] == ["aesthetic", "psnr", "mse", "lpips", "clip"]
     md = (out / "summary.md").read_text()
-    assert "| Images | AS | PSNR | MSE (×10³) | LPIPS (×10³) | CLIP Sim |" in md and "not implemented" in md
+    assert "| Images | AS | PSNR | MSE (×10³) | LPIPS (×10³) | CLIP Sim |" in md and "Not computed: image_reward, hps" in md
     page = (out / "gallery.html").read_text()
     for link in ("gallery/0-original.png", "gallery/0-masked.png", "gallery/2-result.png", "images/2.png"):
         assert f'"{link}"' in page and (out / link).is_file()

@@ -27,6 +27,7 @@ _EXPORTS = {
     "AestheticHead": ".clip",
     "AestheticScore": ".clip",
     "HPSv2Score": ".hps",
+    "ImageRewardScore": ".image_reward",
     "paper_settings": ".runner",
     "run_benchmark": ".runner",
 }

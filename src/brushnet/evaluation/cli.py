@@ -60,7 +60,7 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
                          "instead of generating")
     ev.add_argument("--metrics", default="auto",
                     help="auto (default: psnr, mse and every metric whose weights are given), all, or a list "
-                         "such as psnr,mse,lpips,clip,aesthetic,hps")
+                         "such as psnr,mse,lpips,clip,aesthetic,hps,image_reward")
     ev.add_argument("--paper-compat", action="store_true",
                     help="PSNR/MSE with the authors' formula (squared error summed over RGB / kept pixels, "
                          "PSNR 1000 when MSE < 1e-10) instead of per-channel values")
@@ -74,6 +74,8 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
     ev.add_argument("--aesthetic-weights", metavar="FILE", help="LAION's sa_0_4_vit_l_14_linear.pth")
     ev.add_argument("--hps-weights", metavar="FILE",
                     help="HPS v2.1's HPS_v2.1_compressed.pt (needs --clip-model for CLIP's tokenizer)")
+    ev.add_argument("--image-reward-weights", nargs=2, metavar=("ImageReward.pt", "BERT_TOKENIZER_DIR"),
+                    help="ImageReward v1.0's checkpoint and a bert-base-uncased tokenizer folder")
     ev.add_argument("--no-gallery", action="store_true", help="do not write gallery.html and its thumbnails")
     bench.set_defaults(func=cmd_bench)
     return bench
@@ -98,7 +100,8 @@ def cmd_bench(args) -> int:
     device = _device(args.device, process.device if process.world_size > 1 else None)
     dtype = _dtype(args.dtype, device)
     weights = {"lpips": tuple(args.lpips_weights) if args.lpips_weights else None,
-               "clip": args.clip_model, "aesthetic": args.aesthetic_weights, "hps": args.hps_weights}
+               "clip": args.clip_model, "aesthetic": args.aesthetic_weights, "hps": args.hps_weights,
+               "image_reward": tuple(args.image_reward_weights) if args.image_reward_weights else None}
     settings = InpaintSettings(
         prompt="", negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, scale=args.scale,
         start=args.start, end=args.end, seed=args.seed, blend=args.blend, blend_kernel=args.blend_kernel)

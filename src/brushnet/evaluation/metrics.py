@@ -9,8 +9,8 @@ score).
 Implemented: `psnr`, `mse` (no weights), `lpips` (SqueezeNet-1.1 LPIPS), `clip` (CLIP ViT-L/14
 similarity), `aesthetic` (LAION's linear head on CLIP ViT-L/14) and `hps` (HPS v2.1, OpenCLIP
 ViT-H-14 run as a transformers CLIPModel; it takes its tokenizer, CLIP's BPE vocabulary, from the
-`--clip-model` folder). Planned, not implemented: `image_reward` (ImageReward v1.0); asking for it
-is a clear error. To add one: write its scorer (a class with `__call__(sample) -> float`), add its
+`--clip-model` folder) and `image_reward` (ImageReward v1.0: BLIP ViT-L + BERT with cross-attention
+run as transformers' Blip models). To add one: write its scorer (a class with `__call__(sample) -> float`), add its
 weight files to `RESOURCES` if it needs new ones (with a loader in `Resources`), add a `MetricSpec`
 to `METRICS` and remove it from `PLANNED`; `--metrics all`, the reports and the paper table pick it up.
 
@@ -154,6 +154,10 @@ RESOURCES: dict[str, ResourceSpec] = {
         "aesthetic", "--aesthetic-weights FILE", "LAION's sa_0_4_vit_l_14_linear.pth", 1),
     "hps": ResourceSpec(
         "hps", "--hps-weights FILE", "HPS v2.1's HPS_v2.1_compressed.pt (Hugging Face Hub: xswu/HPSv2)", 1),
+    "image_reward": ResourceSpec(
+        "image_reward", "--image-reward-weights ImageReward.pt BERT_TOKENIZER_DIR",
+        "ImageReward v1.0's ImageReward.pt (Hugging Face Hub: THUDM/ImageReward) and a bert-base-uncased "
+        "tokenizer folder", 2),
 }
 
 
@@ -193,6 +197,12 @@ def _build_hps(resources: Resources, paper_compat: bool):
     return HPSMetric(resources.hps())
 
 
+def _build_image_reward(resources: Resources, paper_compat: bool):
+    from .image_reward import ImageRewardMetric
+
+    return ImageRewardMetric(resources.image_reward())
+
+
 METRICS: dict[str, MetricSpec] = {
     "psnr": MetricSpec("psnr", "PSNR", "PSNR", 1.0, True, (), lambda r, p: MaskedPSNR(p)),
     "mse": MetricSpec("mse", "MSE", "MSE (×10³)", 1e3, False, (), lambda r, p: MaskedMSE(p)),
@@ -201,8 +211,10 @@ METRICS: dict[str, MetricSpec] = {
     "aesthetic": MetricSpec("aesthetic", "Aesthetic Score", "AS", 1.0, True, ("clip", "aesthetic"), _build_aesthetic),
     # The tokenizer of HPS (CLIP's BPE vocabulary) comes from the --clip-model folder.
     "hps": MetricSpec("hps", "HPS v2.1", "HPS (×10²)", 1e2, True, ("clip", "hps"), _build_hps),
+    "image_reward": MetricSpec("image_reward", "ImageReward", "IR (×10)", 10.0, True, ("image_reward",),
+                               _build_image_reward),
 }
-PLANNED = {"image_reward": "ImageReward v1.0 (IR, x10 in the paper)"}
+PLANNED: dict[str, str] = {}  # metrics designed but not implemented yet: none at present
 # The column order of the paper's tables: IR, HPS, AS, PSNR, MSE, LPIPS, CLIP Sim.
 PAPER_ORDER = ("image_reward", "hps", "aesthetic", "psnr", "mse", "lpips", "clip")
 
@@ -315,6 +327,12 @@ class Resources:
         from .hps import HPSv2Score
 
         return self._get("hps", lambda: HPSv2Score.from_file(self.weights["hps"], self.clip_tokenizer(), self.device))
+
+    def image_reward(self):
+        from .image_reward import ImageRewardScore
+
+        checkpoint, tokenizer_dir = self.weights["image_reward"]
+        return self._get("image_reward", lambda: ImageRewardScore.from_file(checkpoint, tokenizer_dir, self.device))
 
 
 def build_scorers(names: Sequence[str], weights: Mapping | None = None, device=None,
