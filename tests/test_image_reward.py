@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from brushnet.evaluation import image_reward as R
+from brushnet.evaluation.weights import check_keys
 
 WORDS = ["a", "cat", "dog", "on", "the", "red", "blue", "sofa", "in", "garden", "photo", "of", "##s", "sitting",
          "green", "house", "car", ",", "."]
@@ -310,7 +311,7 @@ def test_full_size_keys_and_shapes():
     converted = R.imagereward_to_transformers(original)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
-    R.check_keys(expected, converted, "full size")
+    check_keys(expected, converted, "full size")
     assert model.vision.encoder.layers[0].self_attn.head_dim == 64
     assert model.text.encoder.layer[0].crossattention.self.key.in_features == 1024
     assert model.text.pooler is None

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIP_MEAN, CLIP_STD, _pooled
-from .weights import check_keys, read_state_dict
+from .weights import assign_state_dict, read_state_dict
 
 CONTEXT_LENGTH = 77
 IGNORED_KEYS = ("attn_mask",)
@@ -177,21 +177,7 @@ def build_clip_model(converted: Mapping[str, torch.Tensor], config=None, what: s
     config = hps_v21_config() if config is None else config
     with torch.device("meta"):
         model = CLIPModel(config)
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, converted, what)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    for name, module in model.named_modules():
-        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
-            if not buffer.is_meta:
-                continue
-            if buffer_name != "position_ids":
-                raise RuntimeError(f"Unexpected uninitialised buffer {name}.{buffer_name} in the CLIP model.")
-            module.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
-                                   persistent=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"CLIP model tensors left uninitialised: {', '.join(left[:3])}.")
-    return model.eval().requires_grad_(False)
+    return assign_state_dict(model, converted, what, dtype)
 
 
 def load_clip_tokenizer(source):

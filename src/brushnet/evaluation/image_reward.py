@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from .clip import CLIP_MEAN, CLIP_STD
-from .weights import check_keys, read_state_dict
+from .weights import assign_state_dict, read_state_dict
 
 CHECKPOINT_NAME = "ImageReward.pt"
 REWARD_MEAN = 0.16717362830052426
@@ -207,21 +207,7 @@ def build_image_reward_model(converted: Mapping[str, torch.Tensor], configs=None
     vision_config, text_config = image_reward_configs() if configs is None else configs
     with torch.device("meta"):
         model = ImageRewardModel(vision_config, text_config)
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, converted, what)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    for name, module in model.named_modules():
-        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
-            if not buffer.is_meta:
-                continue
-            if buffer_name != "position_ids":
-                raise RuntimeError(f"Unexpected uninitialised buffer {name}.{buffer_name} in the ImageReward model.")
-            module.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
-                                   persistent=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"ImageReward model tensors left uninitialised: {', '.join(left[:3])}.")
-    return model.eval().requires_grad_(False)
+    return assign_state_dict(model, converted, what, dtype)
 
 
 def load_bert_tokenizer(source):

@@ -97,6 +97,28 @@ def check_keys(expected: Mapping[str, tuple], state_dict: Mapping[str, torch.Ten
                          f"such as {', '.join(wrong[:2])}.")
 
 
+def assign_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
+                      dtype=torch.float32) -> torch.nn.Module:
+    """Give a model built on the meta device the tensors of `state_dict` (checked strictly, floats
+    cast to `dtype`), rebuild its non-persistent `position_ids` buffers, and return it frozen in eval
+    mode. Nothing is randomly initialised first, and nothing may be left on the meta device."""
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, what)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()},
+                          strict=True, assign=True)
+    for name, module in model.named_modules():
+        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if buffer_name != "position_ids":
+                raise RuntimeError(f"Unexpected uninitialised buffer {name}.{buffer_name} in {what}.")
+            module.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
+                                   persistent=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"Tensors of {what} left uninitialised: {', '.join(left[:3])}.")
+    return model.eval().requires_grad_(False)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
