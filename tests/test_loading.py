@@ -380,3 +380,13 @@ def test_base_that_is_not_a_model(golden, tmp_path):
         detect_base_family(brushnet_file)
     with pytest.raises(ModelLoadError, match="Hub could not be reached"):
         detect_base_family("some-org/some-base-that-is-not-cached")
+
+
+def test_family_follows_the_conditioning_not_the_depth():
+    # A text-free BrushNet of 3 blocks (like the demo model's) is SD1.5-type, not SDXL.
+    assert detect_brushnet_family({"block_out_channels": [32, 64, 128], "addition_embed_type": None}) == "sd15"
+    assert detect_brushnet_family({"block_out_channels": [320, 640, 1280], "addition_embed_type": "text_time"}) == "sdxl"
+    shapes = {"conv_in_condition.weight": (32, 9, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (32, 32, 3, 3),
+              "down_blocks.1.resnets.0.conv1.weight": (64, 32, 3, 3), "down_blocks.2.resnets.0.conv1.weight": (128, 64, 3, 3)}
+    assert detect_brushnet_family(shapes) == "sd15"
+    assert detect_brushnet_family({**shapes, "add_embedding.linear_1.weight": (128, 80)}) == "sdxl"

@@ -251,9 +251,9 @@ def _hub_file(repo_id: str, filename: str, what: str, hub_kwargs: dict) -> str:
 def detect_brushnet_family(state_dict_or_config) -> str:
     """"sd15" or "sdxl" for a BrushNet state dict (tensors, meta tensors or shapes), config dict or model.
 
-    A state dict is SDXL when it has `add_embedding.*` (the pooled-text/size embedding), else it is
-    told by its number of down blocks (4 for SD1.5, 3 for SDXL). A config is SDXL when
-    `addition_embed_type` is "text_time".
+    SDXL means the branch reads SDXL's pooled text and size ids: a state dict with `add_embedding.*`,
+    a config with `addition_embed_type` "text_time". Anything else is SD1.5-type, whatever its depth
+    (a config without `addition_embed_type` falls back to the released layouts' block counts).
     """
     source = state_dict_or_config
     if not isinstance(source, Mapping) and hasattr(source, "config"):  # a BrushNetModel
@@ -272,24 +272,18 @@ def _is_config(mapping: Mapping) -> bool:
 
 
 def _family_from_config(config: Mapping) -> str:
-    if config.get("addition_embed_type") == "text_time":
-        return SDXL
+    # The family is what the branch conditions on: SDXL's pooled text + size ids ("text_time"), or
+    # nothing (SD1.5 and other text-free UNets, whatever their depth). Only a config that does not
+    # say falls back to the released layouts' block counts.
+    if "addition_embed_type" in config:
+        return SDXL if config["addition_embed_type"] == "text_time" else SD15
     n_blocks = len(config.get("block_out_channels") or config.get("down_block_types") or ())
     return SDXL if n_blocks == 3 else SD15
 
 
 def _family_from_shapes(shapes: Mapping[str, tuple]) -> str:
-    if any(key.startswith("add_embedding.") for key in shapes):
-        return SDXL
-    n_blocks = len(_indices(shapes, "down_blocks."))
-    if n_blocks == 4:
-        return SD15
-    if n_blocks == 3:
-        return SDXL
-    raise ModelLoadError(
-        f"Cannot tell the BrushNet family from these weights ({n_blocks} down blocks, no add_embedding): "
-        "pass a BrushNet made for SD1.5 or SDXL."
-    )
+    # SDXL BrushNets always carry the add-embedding of the pooled text and size ids.
+    return SDXL if any(key.startswith("add_embedding.") for key in shapes) else SD15
 
 
 def _indices(shapes: Mapping[str, tuple], prefix: str) -> set[int]:
