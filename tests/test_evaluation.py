@@ -22,6 +22,8 @@ from brushnet.evaluation.clip import (
     AestheticScore,
     CLIPEmbedder,
     CLIPSimilarity,
+    CLIP_MEAN,
+    CLIP_STD,
     clip_preprocess,
 )
 from brushnet.evaluation.lpips import LPIPSSqueeze, MaskedLPIPS
@@ -336,6 +338,21 @@ def test_clip_preprocessing():
     assert torch.equal(clip_preprocess(ramp.crop((1, 0, 29, 28)), 28), floor)
     # 40x30: the shorter side goes to 28 and the longer to int(28 * 40 / 30) = 37 before the crop.
     assert clip_preprocess(Image.new("RGB", (40, 30)), 28).shape == (1, 3, 28, 28)
+
+
+def test_clip_preprocessing_converts_to_rgb_where_each_original_does():
+    # An alpha ramp: PIL resizes RGBA with premultiplied alpha, so converting before or after the
+    # resize gives different pixels. open_clip (the aesthetic score, "round") converts after the
+    # crop, transformers ("floor") before the resize.
+    rng = np.random.default_rng(0)
+    rgba = np.concatenate([rng.integers(0, 256, (30, 40, 3)), np.tile(np.linspace(0, 255, 40), (30, 1))[..., None]], -1)
+    image = Image.fromarray(rgba.astype(np.uint8), "RGBA")
+    after = image.resize((37, 28), Image.BICUBIC).crop((4, 0, 32, 28)).convert("RGB")
+    expected = (torch.from_numpy(np.asarray(after, dtype=np.float32)).permute(2, 0, 1) / 255 -
+                torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(clip_preprocess(image, 28, "round")[0], expected, rtol=0, atol=1e-6)
+    assert torch.equal(clip_preprocess(image, 28, "floor"), clip_preprocess(image.convert("RGB"), 28, "floor"))
+    assert not torch.equal(clip_preprocess(image, 28, "round"), clip_preprocess(image.convert("RGB"), 28, "round"))
 
 
 def test_clip_preprocessing_matches_transformers_pil_processor():

@@ -42,7 +42,11 @@ def clip_preprocess(image: PIL.Image.Image, size: int, crop: str = "floor") -> t
     CLIPImageProcessor does, `"round"` as torchvision's CenterCrop."""
     if crop not in ("floor", "round"):
         raise ValueError(f"crop must be 'floor' or 'round'; got {crop!r}.")
-    image = image.convert("RGB")
+    # transformers' CLIPImageProcessor ("floor") converts to RGB first; open_clip's torchvision
+    # transform ("round") converts after the crop, so PIL resizes RGBA/LA with premultiplied alpha
+    # and palette images by nearest neighbour there (verified in tools/verify_scorers.py).
+    if crop == "floor":
+        image = image.convert("RGB")
     width, height = image.size
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
@@ -54,7 +58,7 @@ def clip_preprocess(image: PIL.Image.Image, size: int, crop: str = "floor") -> t
         top, left = (height - size) // 2, (width - size) // 2
     else:
         top, left = round((height - size) / 2.0), round((width - size) / 2.0)
-    image = image.crop((left, top, left + size, top + size))
+    image = image.crop((left, top, left + size, top + size)).convert("RGB")
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
