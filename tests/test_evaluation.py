@@ -289,8 +289,8 @@ def _reference_lpips(x0, x1, backbone, heads):
 
     total = 0
     for k, (a, b) in enumerate(zip(taps(x0), taps(x1))):
-        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        a = a / (a.pow(2).sum(1, keepdim=True) + 1e-8).sqrt()
+        b = b / (b.pow(2).sum(1, keepdim=True) + 1e-8).sqrt()
         total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean((2, 3))
     return total.view(-1)
 

@@ -83,7 +83,9 @@ class CLIPEmbedder:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, device=None) -> CLIPEmbedder:
         """Load a `CLIPModel` and its tokenizer from a local folder, or a hub id (network needed)."""
-        from transformers import CLIPModel, CLIPTokenizer
+        # The fast tokenizer, as torchmetrics' CLIPProcessor: transformers 4's slow CLIPTokenizer
+        # runs ftfy when installed and then tokenises curly quotes differently (verify_scorers.py).
+        from transformers import CLIPModel, CLIPTokenizerFast
 
         text = str(source)
         path = Path(text).expanduser()
@@ -93,7 +95,7 @@ class CLIPEmbedder:
         where = str(path) if path.exists() else text
         try:
             model = CLIPModel.from_pretrained(where).float()
-            tokenizer = CLIPTokenizer.from_pretrained(where)
+            tokenizer = CLIPTokenizerFast.from_pretrained(where)
         except Exception as error:  # not a CLIP folder, offline without a cache, a broken file
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"Could not load a CLIP model from {text} ({first}): pass a folder in the "

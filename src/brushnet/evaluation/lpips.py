@@ -8,7 +8,7 @@ Zhang et al., "The Unreasonable Effectiveness of Deep Features as a Perceptual M
 
     x  <- (x - shift) / scale                 shift = (-0.030, -0.088, -0.188), scale = (0.458, 0.448, 0.450)
     f_l = SqueezeNet-1.1 activations after 7 stages l (64, 128, 256, 384, 384, 512, 512 channels)
-    f_l <- f_l / (||f_l||_channels + 1e-10)   unit length along the channels at every position
+    f_l <- f_l / sqrt(||f_l||^2_channels + 1e-8)   unit length along the channels at every position
     d   = sum_l  mean_{h,w}  w_l . (f_l(x0) - f_l(x1))^2      w_l >= 0: the learned 1x1 "lin" heads
 
 No torchvision and no `lpips` package are needed: the backbone is written here with the module
@@ -45,7 +45,9 @@ STAGES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 11), (11, 12), (12, 13))
 CHANNELS = (64, 128, 256, 384, 384, 512, 512)
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
-EPS = 1e-10
+# torchmetrics >= 1.2 (what the authors' unpinned requirement installs) puts the epsilon under the
+# root; the lpips package adds 1e-10 after it. The two differ only for near-zero features.
+EPS = 1e-8
 CLASSIFIER_KEYS = ("classifier.1.weight", "classifier.1.bias")
 
 
@@ -159,8 +161,8 @@ class LPIPSSqueeze(nn.Module):
         features1 = self.backbone((x1 - self.shift) / self.scale)
         total = 0
         for k, (f0, f1) in enumerate(zip(features0, features1)):
-            f0 = f0 / (f0.pow(2).sum(dim=1, keepdim=True).sqrt() + EPS)
-            f1 = f1 / (f1.pow(2).sum(dim=1, keepdim=True).sqrt() + EPS)
+            f0 = f0 / (f0.pow(2).sum(dim=1, keepdim=True) + EPS).sqrt()
+            f1 = f1 / (f1.pow(2).sum(dim=1, keepdim=True) + EPS).sqrt()
             total = total + self.heads[k]((f0 - f1) ** 2).mean(dim=(2, 3))
         return total.view(-1)
 
