@@ -10,8 +10,8 @@ from pathlib import Path
 from . import __version__
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-NO_MODEL = ("no base model given: pass --base (an SD1.5/SDXL diffusers folder, hub id or .safetensors file) "
-            "and --brushnet (a BrushNet folder, hub id or .safetensors file)")
+ONE_MODEL = ("--base and --brushnet go together: pass both (a base model and a BrushNet of the same family), "
+             "or neither to use the built-in demo model")
 
 
 class UserError(ValueError):
@@ -78,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_command(commands)
 
+    from .serve import add_serve_command
+
+    add_serve_command(commands)
+
+    demo = commands.add_parser(
+        "demo", help="inpaint an example scene with the built-in demo model (offline, seconds)",
+        description="Write an example scene (coloured shapes), a mask over one shape and the result of "
+                    "inpainting it with the built-in demo model, then print the equivalent `brushnet inpaint` "
+                    "command to try other prompts.")
+    demo.add_argument("--out", "-o", default="brushnet-demo", help="output folder (default brushnet-demo)")
+    demo.add_argument("--prompt", "-p", help="what to paint in the hole (default: the removed shape's own words)")
+    demo.add_argument("--scene", type=int, default=0, metavar="N", help="which held-out example scene (default 0)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    demo.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    demo.set_defaults(func=cmd_demo)
+
     info = commands.add_parser("info", help="print the generation parameters stored in an output PNG")
     info.add_argument("png", metavar="OUTPUT.png")
     info.set_defaults(func=cmd_info)
@@ -96,7 +113,8 @@ def _add_prompt_options(parser, batch: bool) -> None:
 
 def _add_model_options(parser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--base", help="base model: diffusers folder, hub id or single .safetensors file")
+    group.add_argument("--base", help="base model: diffusers folder, hub id or single .safetensors file "
+                                      "(default, with no --brushnet either: the built-in demo model)")
     group.add_argument("--brushnet", help="BrushNet: folder, hub id or single .safetensors file")
     group.add_argument("--base-config", metavar="DIR",
                        help="diffusers folder with the configs for a single-file --base (needed offline)")
@@ -122,7 +140,8 @@ def _add_generation_options(parser) -> None:
     group.add_argument("--num-images", type=int, default=1, help="images per input (seeds seed, seed+1, ...)")
     group.add_argument("--blend", action=argparse.BooleanOptionalAction, default=True,
                        help="paste the result over the original through a blurred mask (default on)")
-    group.add_argument("--blend-kernel", type=int, default=21, help="blur kernel of the blending (odd, default 21)")
+    group.add_argument("--blend-kernel", type=int, default=None,
+                       help="blur kernel of the blending (odd; default 21, narrower for models below 512 px)")
     group.add_argument("--crop-to-mask", action="store_true",
                        help="process only a window around the hole at the model's native size (large photos)")
     group.add_argument("--context", type=float, default=0.3,
@@ -184,6 +203,51 @@ def cmd_outpaint(args) -> int:
     pipe, model_params = _load(args)
     _run_jobs(pipe, model_params, args, [(job, canvas, mask)])
     return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo.scenes import HELDOUT_SEEDS, make_scene, removal_example
+
+    if not 0 <= args.scene < len(HELDOUT_SEEDS):
+        raise UserError(f"--scene must be between 0 and {len(HELDOUT_SEEDS) - 1}; got {args.scene}")
+    out = Path(args.out)
+    scene = make_scene(HELDOUT_SEEDS[args.scene])
+    example = removal_example(scene, len(scene.shapes) - 1)  # the top shape: nothing hides any of it
+    paths = {"scene": out / "scene.png", "mask": out / "mask.png", "result": out / "result.png"}
+    if not args.overwrite:
+        _refuse_existing([*paths.values(), out / "comparison.png"])
+    _prepare_output_folders(list(paths.values()))
+    from .metadata import save_png
+
+    save_png(scene.image, paths["scene"], {"caption": scene.caption}, overwrite=True)
+    save_png(example.mask, paths["mask"], {}, overwrite=True)
+    prompt = args.prompt or example.prompt
+    inpaint_args = build_parser().parse_args([
+        "inpaint", str(paths["scene"]), str(paths["mask"]), "--prompt", prompt, "--out", str(paths["result"]),
+        "--seed", str(args.seed), "--steps", str(args.steps), "--overwrite"])
+    print(f"scene: {scene.caption}")
+    cmd_inpaint(inpaint_args)
+    _save_comparison(paths["scene"], paths["mask"], paths["result"], out / "comparison.png")
+    print(f"wrote {out / 'comparison.png'} (scene | hole | result, enlarged 4x)")
+    print(f"try other prompts:\n  brushnet inpaint {paths['scene']} {paths['mask']} --prompt \"a green square\" "
+          f"--out {out / 'green.png'}")
+    return 0
+
+
+def _save_comparison(scene_path, mask_path, result_path, out_path, zoom=4) -> None:
+    """Scene, scene with the hole greyed out, and result side by side, enlarged to be seen."""
+    from PIL import Image
+
+    from .metadata import save_png
+
+    scene = Image.open(scene_path).convert("RGB")
+    hole = Image.open(mask_path).convert("L")
+    masked = Image.composite(Image.new("RGB", scene.size, (128, 128, 128)), scene, hole)
+    panels = [scene, masked, Image.open(result_path).convert("RGB")]
+    strip = Image.new("RGB", (scene.width * 3 + 8, scene.height), (255, 255, 255))
+    for k, panel in enumerate(panels):
+        strip.paste(panel, (k * (scene.width + 4), 0))
+    save_png(strip.resize((strip.width * zoom, strip.height * zoom), Image.NEAREST), out_path, {}, overwrite=True)
 
 
 def cmd_train(args) -> int:
@@ -338,6 +402,12 @@ def _dtype(name: str, device: str):
 
 def _load(args):
     """Load the pipeline named on the command line; returns it and the parameters to record."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Loading bars for a handful of components are noise; the denoising bar stays.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     pipe = load_pipeline_from_args(args, device, dtype)
@@ -350,8 +420,14 @@ def load_pipeline_from_args(args, device: str, dtype):
     from .loading import load_pipeline
     from .schedulers import SCHEDULERS, make_scheduler
 
-    if not args.base or not args.brushnet:
-        raise UserError(NO_MODEL)
+    if bool(args.base) != bool(args.brushnet):
+        raise UserError(ONE_MODEL)
+    if not args.base:
+        from .demo.model import DEMO_NOTICE, demo_model_dir
+
+        args.base, args.brushnet = str(demo_model_dir()), str(demo_model_dir() / "brushnet")
+        args.demo_model = True
+        print(DEMO_NOTICE, file=sys.stderr)
     if args.scheduler not in SCHEDULERS:
         raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if args.offload != "none" and device == "cpu":
@@ -372,7 +448,11 @@ def model_params(args, dtype) -> dict:
     """What outputs record about the models: names, weight fingerprints, scheduler, precision."""
     from .metadata import model_fingerprint
 
-    return {"base": str(args.base), "brushnet": str(args.brushnet), "base_hash": model_fingerprint(args.base),
+    from .demo.model import DEMO_MODEL_NAME
+
+    names = ((DEMO_MODEL_NAME, DEMO_MODEL_NAME + " (brushnet)") if getattr(args, "demo_model", False)
+             else (str(args.base), str(args.brushnet)))
+    return {"base": names[0], "brushnet": names[1], "base_hash": model_fingerprint(args.base),
             "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
             "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
 
@@ -380,7 +460,7 @@ def model_params(args, dtype) -> dict:
 def _run_jobs(pipe, model_params: dict, args, loaded) -> None:
     from tqdm.auto import tqdm
 
-    from .inpaint import InpaintSettings, image_seeds, inpaint
+    from .inpaint import InpaintSettings, default_blend_kernel, image_seeds, inpaint
     from .metadata import save_png
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -388,7 +468,7 @@ def _run_jobs(pipe, model_params: dict, args, loaded) -> None:
         settings = InpaintSettings(
             prompt=job["prompt"], negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
-            blend=args.blend, blend_kernel=args.blend_kernel, crop_to_mask=args.crop_to_mask, context=args.context,
+            blend=args.blend, blend_kernel=args.blend_kernel or default_blend_kernel(pipe), crop_to_mask=args.crop_to_mask, context=args.context,
         )
         results = inpaint(pipe, image, mask, settings)
         for path, result, image_seed in zip(job["outputs"], results, image_seeds(settings)):

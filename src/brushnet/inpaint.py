@@ -28,7 +28,7 @@ class InpaintSettings:
     seed: int = 0
     num_images: int = 1
     blend: bool = True
-    blend_kernel: int = 21
+    blend_kernel: int | None = None  # None: default_blend_kernel(pipe)
     crop_to_mask: bool = False
     context: float = 0.3
     extra: dict = field(default_factory=dict)  # further pipeline keywords
@@ -42,6 +42,15 @@ def native_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
 
+def default_blend_kernel(pipe) -> int:
+    """The reference's 21-pixel blur at 512x512 and above; for smaller models (the demo model's
+    64x64) the same width relative to the image, at least 3, so blending stays near the hole."""
+    native = native_resolution(pipe)
+    if native >= 512:
+        return 21
+    return max(3, round(21 * native / 512) | 1)
+
+
 def image_seeds(settings: InpaintSettings) -> list[int]:
     """One seed per output image, so any single result can be reproduced alone."""
     return [settings.seed + k for k in range(settings.num_images)]
@@ -53,6 +62,7 @@ def inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: Inpai
     the image's size. `callback(step, total)` is called after every denoising step."""
     image = image.convert("RGB")
     mask = mask.convert("L")
+    blend_kernel = settings.blend_kernel or default_blend_kernel(pipe)
     if image.size != mask.size:
         raise ValueError(
             f"The image is {image.width}x{image.height} but the mask is {mask.width}x{mask.height}: "
@@ -91,7 +101,7 @@ def inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: Inpai
     for result in results:
         result = result.resize(region.size, PIL.Image.LANCZOS)
         if settings.blend:
-            result = blend(region, result, region_mask, settings.blend_kernel)
+            result = blend(region, result, region_mask, blend_kernel)
         full = image.copy()
         full.paste(result, box[:2])
         outputs.append(full)

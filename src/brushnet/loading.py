@@ -676,6 +676,18 @@ def _check_not_inpainting(info: _BaseInfo, source) -> None:
 # -- pipelines -------------------------------------------------------------------------------
 
 
+def check_model_pair(base, brushnet, *, allow_pickle=False, **hub_kwargs) -> _BaseInfo:
+    """Refuse a base model and BrushNet that cannot work together, from configs and checkpoint
+    headers only (no weights read): an inpainting (9-channel) base, or a BrushNet of the other family
+    (when its family can be read without loading it). Raises `ModelLoadError`."""
+    base_info = _inspect_base(base, allow_pickle, hub_kwargs)
+    _check_not_inpainting(base_info, base)
+    family = _peek_brushnet_family(brushnet)
+    if family is not None:
+        _check_families(family, base_info.family, brushnet, base)
+    return base_info
+
+
 def load_pipeline(
     base: str | os.PathLike,
     brushnet: str | os.PathLike | BrushNetModel,
@@ -698,11 +710,7 @@ def load_pipeline(
     raise `ModelLoadError` at once. `hub_kwargs` go to the base model; the BrushNet gets only the
     repo-independent ones (cache_dir, token, local_files_only, force_download, proxies).
     """
-    base_info = _inspect_base(base, allow_pickle, hub_kwargs)
-    _check_not_inpainting(base_info, base)
-    family = _peek_brushnet_family(brushnet)
-    if family is not None:
-        _check_families(family, base_info.family, brushnet, base)
+    base_info = check_model_pair(base, brushnet, allow_pickle=allow_pickle, **hub_kwargs)
 
     brushnet_hub_kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
     model = load_brushnet(brushnet, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **brushnet_hub_kwargs)

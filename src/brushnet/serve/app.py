@@ -1,0 +1,247 @@
+"""The page of `brushnet serve`: a gradio Blocks app over `GenerationService`.
+
+Endpoints a client may call (`gradio_client`, see README "Web UI"): `/inpaint` and `/outpaint`.
+Both run in gradio's queue under one concurrency id with a limit of 1, so one generation runs at a
+time on the device and the others wait, seeing their place in the queue. The preview, the seed
+dice, Cancel and the parameter view are private helpers of the page.
+"""
+
+import html
+import os
+from types import SimpleNamespace
+
+from ..regions import outpaint_canvas
+from .generation import Cancelled, GenerationService, user_message
+from .inputs import (
+    MAX_IMAGES,
+    MAX_OUTPAINT_SIDE,
+    RANDOM_SEED,
+    InputError,
+    build_mask,
+    check_pixels,
+    combine_mask,
+    editor_image,
+    editor_strokes,
+    generation_settings,
+    mask_image,
+    masked_preview,
+    open_uploaded_image,
+    open_uploaded_mask,
+    outpaint_sides,
+    random_seed,
+)
+
+DEVICE_QUEUE = "device"  # the one concurrency id of every generation: they share the device
+QUEUE_SIZE = 64  # requests waiting beyond this are refused ("queue is full") instead of piling up
+INSTALL_HINT = 'the web UI needs gradio: install it with pip install "brushnet[serve]"'
+# The preview and mask of a small image (the demo model's 64x64 scenes) fill their box, sharp.
+CSS = ("#preview img, #mask-upload img { width: 100%; height: 100%; object-fit: contain; "
+       "image-rendering: pixelated; }")
+INTRO = (
+    "Upload an image, paint over what to replace (**brush**; the **eraser** takes paint away; both have a size "
+    "slider), or upload a mask (white = fill). Describe what to paint, then **Inpaint**. Results keep their "
+    "parameters: the gallery's download gives a PNG that `brushnet info` reads."
+)
+
+
+def import_gradio():
+    """gradio, imported only when the UI is built, with its usage analytics off."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import gradio
+    except ImportError:
+        from ..cli import UserError
+
+        raise UserError(INSTALL_HINT) from None
+    return gradio
+
+
+def build_app(service: GenerationService):
+    """The Blocks app of `service`, queued (one generation at a time), not yet launched."""
+    gr = import_gradio()
+    with gr.Blocks(title="BrushNet", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
+        page = _layout(gr, service)
+        _connect(gr, service, page)
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return app
+
+
+def launch_options(service: GenerationService, host: str, port: int, auth: tuple[str, str] | None) -> dict:
+    """`app.launch` keywords: local-only features off, nothing fetched from the internet."""
+    return {"server_name": host, "server_port": port, "auth": auth, "max_file_size": service.limits.max_upload_bytes,
+            "show_error": True, "share": False, "ssr_mode": False, "pwa": False, "mcp_server": False,
+            "enable_monitoring": False, "run_history": False, "footer_links": ["api"], "css": CSS}
+
+
+# -- layout -----------------------------------------------------------------------------------
+
+def _layout(gr, service: GenerationService) -> SimpleNamespace:
+    registry = service.registry
+    page = SimpleNamespace()
+    gr.Markdown("## BrushNet inpainting\n" + INTRO)
+    with gr.Row():
+        with gr.Column(scale=3):
+            page.model = gr.Dropdown(registry.names, value=registry.default, label="Model", elem_id="model")
+            page.prompt = gr.Textbox(label="Prompt", placeholder="what to paint in the hole", elem_id="prompt")
+            page.negative_prompt = gr.Textbox("", label="Negative prompt", placeholder="what to avoid",
+                                              elem_id="negative-prompt")
+            with gr.Tabs():
+                with gr.Tab("Inpaint", id="inpaint"):
+                    _inpaint_tab(gr, page)
+                with gr.Tab("Outpaint", id="outpaint"):
+                    _outpaint_tab(gr, page)
+            with gr.Accordion("Settings", open=True):
+                _settings(gr, page)
+        with gr.Column(scale=2):
+            page.gallery = gr.Gallery(label="Results (click one for its parameters)", elem_id="results", columns=2,
+                                      format="png", buttons=["download", "fullscreen"], interactive=False)
+            page.cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            page.params = gr.JSON(label="Parameters", elem_id="params")
+            page.params_list = gr.State([])
+    return page
+
+
+def _inpaint_tab(gr, page) -> None:
+    with gr.Row():
+        page.editor = gr.ImageEditor(
+            label="Image (upload, then paint the hole)", type="pil", sources=["upload", "clipboard"],
+            # No crop or resize: the painted layer must keep the image's own pixel grid.
+            transforms=[], layers=False, format="png", elem_id="editor", scale=3,
+            brush=gr.Brush(colors=[("#ff00ff", 0.6)], color_mode="fixed"), eraser=gr.Eraser(),
+        )
+        with gr.Column(scale=2):
+            page.preview = gr.Image(label="Masked image (magenta = to fill)", interactive=False, format="png",
+                                    height=240, elem_id="preview")
+            page.mask = gr.Image(label="Or upload a mask (white = fill)", type="filepath", image_mode=None,
+                                 sources=["upload"], height=200, elem_id="mask-upload")
+            page.invert = gr.Checkbox(label="Invert the mask (fill what is not painted)", elem_id="invert")
+    page.inpaint_button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
+
+
+def _outpaint_tab(gr, page) -> None:
+    page.outpaint_image = gr.Image(label="Image to extend", type="filepath", image_mode=None, sources=["upload"],
+                                   elem_id="outpaint-image")
+    with gr.Row():
+        page.sides = [gr.Number(0, label=f"{side} (px)", precision=0, minimum=0, maximum=MAX_OUTPAINT_SIDE,
+                                elem_id=f"outpaint-{side}") for side in ("left", "right", "top", "bottom")]
+    page.outpaint_button = gr.Button("Outpaint", variant="primary", elem_id="outpaint-button")
+
+
+def _settings(gr, page) -> None:
+    with gr.Row():
+        page.steps = gr.Slider(1, 150, value=50, step=1, label="Steps", elem_id="steps")
+        page.guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+        page.scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
+    with gr.Row():
+        page.start = gr.Slider(0, 1, value=0.0, step=0.05, label="BrushNet from (fraction of the steps)")
+        page.end = gr.Slider(0, 1, value=1.0, step=0.05, label="BrushNet until")
+    with gr.Row():
+        page.seed = gr.Number(RANDOM_SEED, label="Seed (-1: random)", precision=0, minimum=RANDOM_SEED, elem_id="seed")
+        page.dice = gr.Button("Random seed", elem_id="dice")
+        page.num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+    with gr.Row():
+        page.blend = gr.Checkbox(True, label="Blend into the original (keeps every pixel away from the hole)",
+                                 elem_id="blend")
+        page.blend_kernel = gr.Slider(0, 101, value=0, step=1, label="Blend kernel (odd px; 0: the model's default)")
+        page.crop_to_mask = gr.Checkbox(False, label="Crop to the mask (large photos: work around the hole only)")
+
+
+# -- events -----------------------------------------------------------------------------------
+
+def _connect(gr, service: GenerationService, page) -> None:
+    handlers = _handlers(gr, service)
+    settings = [page.model, page.negative_prompt, page.steps, page.guidance, page.scale, page.start, page.end,
+                page.seed, page.blend, page.blend_kernel, page.num_images, page.crop_to_mask]
+    outputs = [page.gallery, page.params, page.params_list]
+    queued = {"concurrency_id": DEVICE_QUEUE, "concurrency_limit": 1}
+    inpaint = page.inpaint_button.click(handlers.inpaint, [page.editor, page.prompt, page.mask, page.invert, *settings],
+                                        outputs, api_name="inpaint", **queued)
+    outpaint = page.outpaint_button.click(handlers.outpaint, [page.outpaint_image, page.prompt, *page.sides, *settings],
+                                          outputs, api_name="outpaint", **queued)
+    helper = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    page.cancel.click(handlers.cancel, None, None, cancels=[inpaint, outpaint], **helper)
+    for change in (page.editor.change, page.mask.change, page.invert.change):
+        change(handlers.preview, [page.editor, page.mask, page.invert], page.preview, **helper)
+    page.dice.click(random_seed, None, page.seed, **helper)
+    page.gallery.select(handlers.show_params, page.params_list, page.params, **helper)
+
+
+def _handlers(gr, service: GenerationService) -> SimpleNamespace:
+    limits = service.limits
+
+    def respond(generate):
+        """The outputs for `generate()`'s results; a mistake or failure is shown in the page and the
+        server carries on with the next request."""
+        try:
+            results = generate()
+        except Cancelled:
+            gr.Info("Cancelled.")
+            return gr.skip(), gr.skip(), gr.skip()  # the page keeps what it showed
+        except gr.Error:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure becomes a message; the server keeps serving
+            raise gr.Error(html.escape(user_message(error), quote=False), print_exception=False) from None
+        gallery = [(str(result.path), result.caption) for result in results]
+        params = [result.params for result in results]
+        return gallery, params, params
+
+    # Parameters with a default are optional for API clients (the page's initial values apply);
+    # gradio finds its progress tracker by a gr.Progress() default.
+    def inpaint(image, prompt, mask=None, invert_mask=None, model=None, negative_prompt=None, steps=None,
+                guidance=None, scale=None, start=None, end=None, seed=None, blend=None, blend_kernel=None,
+                num_images=None, crop_to_mask=None, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+        def generate():
+            picture = editor_image(image, limits)
+            uploaded = open_uploaded_mask(mask, limits) if mask else None
+            hole = build_mask(picture.size, editor_strokes(image, picture.size), uploaded, bool(invert_mask))
+            settings = generation_settings(prompt, negative_prompt, steps, guidance, scale, start, end, seed,
+                                           num_images, blend, blend_kernel, crop_to_mask)
+            return service.run(model, picture, hole, settings, _session(request), progress)
+
+        return respond(generate)
+
+    def outpaint(image, prompt, left=None, right=None, top=None, bottom=None, model=None, negative_prompt=None,
+                 steps=None, guidance=None, scale=None, start=None, end=None, seed=None, blend=None,
+                 blend_kernel=None, num_images=None, crop_to_mask=None, request: gr.Request = None,
+                 progress=gr.Progress()):  # noqa: B008
+        def generate():
+            if not image:
+                raise InputError("No image: upload the image to extend first.")
+            sides = outpaint_sides(left, right, top, bottom)
+            picture = open_uploaded_image(image, limits)
+            extended = (picture.width + sides["left"] + sides["right"], picture.height + sides["top"] + sides["bottom"])
+            check_pixels(extended, limits, "extended image")
+            canvas, hole = outpaint_canvas(picture, **sides)
+            settings = generation_settings(prompt, negative_prompt, steps, guidance, scale, start, end, seed,
+                                           num_images, blend, blend_kernel, crop_to_mask)
+            return service.run(model, canvas, hole, settings, _session(request), progress,
+                               extra_params={"outpaint": sides})
+
+        return respond(generate)
+
+    def preview(image, mask, invert_mask):
+        if not image or image.get("background") is None:
+            return None
+        try:
+            picture = editor_image(image, limits)
+            uploaded = open_uploaded_mask(mask, limits) if mask else None
+            hole = combine_mask(picture.size, editor_strokes(image, picture.size), uploaded, bool(invert_mask))
+        except (ValueError, FileNotFoundError) as error:  # InputError, or a mask file PIL cannot read
+            gr.Warning(html.escape(str(error), quote=False))
+            return None
+        return masked_preview(picture, mask_image(hole))
+
+    def cancel(request: gr.Request):
+        service.request_cancel(_session(request))
+
+    def show_params(params_list, event: gr.SelectData):
+        index = event.index if isinstance(event.index, int) else 0
+        return params_list[index] if 0 <= index < len(params_list) else None
+
+    return SimpleNamespace(inpaint=inpaint, outpaint=outpaint, preview=preview, cancel=cancel,
+                           show_params=show_params)
+
+
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or ""

@@ -1,0 +1,124 @@
+"""`brushnet serve`: the web UI's command line.
+
+Wiring (in brushnet/cli.py's `build_parser`): `from .serve import add_serve_command;
+add_serve_command(commands)`. Nothing here imports gradio or torch until the command runs, so
+`brushnet --help` stays fast.
+"""
+
+import argparse
+import signal
+import sys
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_UPLOAD_MB = 50.0
+
+
+def add_serve_command(commands) -> argparse.ArgumentParser:
+    """Add the `serve` sub-command to an argparse sub-parsers object; returns its parser."""
+    serve = commands.add_parser(
+        "serve", help="a web UI in the browser: paint the hole, inpaint, outpaint (needs brushnet[serve])",
+        description="Serve a web UI (gradio) for inpainting and outpainting with the built-in demo model and the "
+                    "models given with --models. One generation runs at a time; other requests wait in a queue. "
+                    "Install with pip install \"brushnet[serve]\".")
+    serve.add_argument(
+        "--models", nargs="+", action="extend", default=[], metavar="MODEL",
+        help="models to offer, each a BrushNet pipeline folder (model_index.json with a brushnet entry) or "
+             "BASE::BRUSHNET (a base model folder or checkpoint file, and a BrushNet folder or .safetensors "
+             "file); local paths only. The built-in demo model is always offered; the first entry is preselected")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
+                            "network, with --auth)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    serve.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password (basic login)")
+    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                       help=f"largest image accepted, in pixels (default {DEFAULT_MAX_PIXELS} = 4096x4096)")
+    serve.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                       help=f"largest file accepted per upload, in MB (default {DEFAULT_MAX_UPLOAD_MB:g}; the "
+                            "editor sends its canvas as PNG)")
+    group = serve.add_argument_group("model loading (as for brushnet inpaint)")
+    group.add_argument("--scheduler", default="unipc",
+                       help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, euler_a or pndm")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="weights precision (auto: fp16 on GPU, fp32 on CPU)")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                       help="keep weights in CPU memory and move them to the GPU when used")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="allow .ckpt/.bin/.pt checkpoints in --models (pickles can run code)")
+    serve.set_defaults(func=cmd_serve)
+    return serve
+
+
+def cmd_serve(args) -> int:
+    from ..cli import UserError
+    from .app import build_app, import_gradio, launch_options
+
+    import_gradio()  # before any model work: a missing gradio is the first thing to report
+    auth = parse_auth(args.auth)
+    service = build_service(args)
+    if args.host not in LOCAL_HOSTS:
+        print(f"brushnet serve: warning: listening on {args.host}: anyone who can reach this machine on port "
+              f"{args.port} can use it" + ("" if auth else "; protect it with --auth USER:PASS"), file=sys.stderr)
+    _limit_decoded_pixels(service.limits.max_pixels)
+    app = build_app(service)
+    try:
+        _, local_url, _ = app.launch(**launch_options(service, args.host, args.port, auth), prevent_thread_lock=True,
+                                     quiet=True)
+    except OSError as error:
+        if "Cannot find empty port" in str(error):  # gradio's words for a port in use
+            raise UserError(f"port {args.port} on {args.host} is already in use: choose another --port") from None
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({error}): choose another --host or --port") from None
+    print(f"brushnet serve: {local_url} ({len(service.registry.names)} model(s); Ctrl+C stops the server)")
+    # A service manager's SIGTERM stops it as Ctrl+C does: the server closes and the results folder goes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    app.block_thread()
+    return 0
+
+
+def build_service(args):
+    """The models, limits and device of the command line, every --models entry checked."""
+    from ..cli import _device, _dtype
+    from .generation import GenerationService
+    from .inputs import UploadLimits
+    from .models import LoadOptions, ModelRegistry, check_model_entry, demo_entry, parse_model_entry
+
+    limits = UploadLimits(max_pixels=args.max_pixels, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    configured = [parse_model_entry(text) for text in args.models]
+    for entry in configured:
+        check_model_entry(entry, allow_pickle=args.allow_pickle)
+    demo = demo_entry()
+    entries = configured + ([demo] if demo else [])
+    device = _device(args.device)
+    _check_scheduler(args.scheduler)
+    options = LoadOptions(device=device, dtype=_dtype(args.dtype, device), scheduler=args.scheduler,
+                          offload=args.offload, allow_pickle=args.allow_pickle)
+    default = configured[0].name if configured else (demo.name if demo else None)
+    return GenerationService(ModelRegistry(entries, options, default=default), limits)
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        from ..cli import UserError
+
+        raise UserError("--auth must be USER:PASS, both non-empty (e.g. --auth alice:s3cret)")
+    return user, password
+
+
+def _check_scheduler(name: str) -> None:
+    from ..cli import UserError
+    from ..schedulers import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def _limit_decoded_pixels(max_pixels: int) -> None:
+    # gradio decodes the editor's images before our checks run: PIL's decompression-bomb guard then
+    # refuses anything over twice the limit without allocating it (this process is the server's own).
+    import PIL.Image
+
+    PIL.Image.MAX_IMAGE_PIXELS = max_pixels

@@ -1,0 +1,197 @@
+"""The models a `brushnet serve` offers: named on its command line, checked at start, loaded on use.
+
+Each `--models` entry is either
+
+- `DIR`: a BrushNet pipeline folder, whose model_index.json has a `brushnet` entry (what
+  `pipe.save_pretrained` writes, or the built-in demo model's layout), or
+- `BASE::BRUSHNET`: a base model (diffusers folder or single checkpoint file) and a BrushNet (folder
+  or single .safetensors file), given separately.
+
+Only local paths are accepted: the server checks every entry at start, offline, and fetches
+nothing. The page's model picker shows each entry's name; the browser sends that name back and the
+server looks it up here, so no request can name a path of its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+PAIR_SEPARATOR = "::"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class UnknownModelError(ValueError):
+    """A request named a model that is not in the server's list."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # what the picker shows and the browser sends back
+    base: str
+    brushnet: str
+    demo: bool = False
+
+
+def parse_model_entry(text: str) -> ModelEntry:
+    """A `--models` entry as a base/BrushNet pair; only the paths' existence is checked here."""
+    if PAIR_SEPARATOR in text:
+        base, _, brushnet = text.partition(PAIR_SEPARATOR)
+        if not base or not brushnet:
+            raise ValueError(f"--models {text}: write a pair as BASE{PAIR_SEPARATOR}BRUSHNET, both paths.")
+        _require_local(base, text)
+        _require_local(brushnet, text)
+        return ModelEntry(f"{_short_name(base)} + {_short_name(brushnet)}", base, brushnet)
+    _require_local(text, text)
+    folder = Path(text)
+    if "brushnet" not in _model_index(folder, text):
+        raise ValueError(
+            f"--models {text}: not a BrushNet pipeline folder (no model_index.json with a brushnet entry): "
+            f"pass BASE{PAIR_SEPARATOR}BRUSHNET to give a base model and a BrushNet separately."
+        )
+    return ModelEntry(_short_name(text), text, str(folder / "brushnet"))
+
+
+def _model_index(folder: Path, entry: str) -> dict:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return {}
+    try:
+        return json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--models {entry}: cannot read {index_file} ({error}): fix or replace it.") from None
+
+
+def _require_local(path: str, entry: str) -> None:
+    if not Path(path).exists():
+        raise ValueError(
+            f"--models {entry}: {path} does not exist (the server takes local folders and files only; download "
+            "hub models first, e.g. with `hf download`)."
+        )
+
+
+def _short_name(path: str) -> str:
+    path = Path(path)
+    return path.stem if path.is_file() else path.resolve().name
+
+
+def check_model_entry(entry: ModelEntry, allow_pickle: bool = False) -> None:
+    """Refuse an entry that cannot work, from its configs and checkpoint headers (no weights read):
+    a BrushNet for another family than its base, an inpainting base, a PowerPaint checkpoint, a
+    pickle without --allow-pickle. Raises `ModelLoadError` prefixed with the entry."""
+    from ..loading import ModelLoadError, check_model_pair
+
+    try:
+        if Path(entry.brushnet).suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise ModelLoadError(
+                f"{entry.brushnet} is a pickle file, and loading a pickle can run arbitrary code: convert it to "
+                ".safetensors, or pass --allow-pickle if you trust where it came from."
+            )
+        check_model_pair(entry.base, entry.brushnet, allow_pickle=allow_pickle)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"--models {entry.name}: {error}") from None
+
+
+def demo_entry() -> ModelEntry | None:
+    """The built-in demo model as an entry, or None if this installation lacks it."""
+    from ..demo.model import DEMO_MODEL_NAME, demo_model_dir
+
+    try:
+        folder = demo_model_dir()
+    except FileNotFoundError:
+        return None
+    return ModelEntry(DEMO_MODEL_NAME, str(folder), str(folder / "brushnet"), demo=True)
+
+
+def unique_names(entries: list[ModelEntry]) -> list[ModelEntry]:
+    """The same entries, a " (2)", " (3)"... added to names already taken, so every name picks one."""
+    seen: dict[str, int] = {}
+    renamed = []
+    for entry in entries:
+        count = seen.get(entry.name, 0) + 1
+        seen[entry.name] = count
+        name = entry.name if count == 1 else f"{entry.name} ({count})"
+        renamed.append(ModelEntry(name, entry.base, entry.brushnet, entry.demo))
+    return renamed
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How every model is loaded: the CLI's --device/--dtype/--scheduler/--offload/--allow-pickle."""
+
+    device: str = "cpu"
+    dtype: object = None  # a torch dtype; None: float32
+    scheduler: str = "unipc"
+    offload: str = "none"
+    allow_pickle: bool = False
+
+
+class ModelRegistry:
+    """The configured models by name. One pipeline is held at a time: the one last used, loaded on
+    first use, so switching models costs a load but the server never holds two in memory."""
+
+    def __init__(self, entries: list[ModelEntry], options: LoadOptions, default: str | None = None):
+        if not entries:
+            raise ValueError("No model to serve: pass --models (the built-in demo model is missing here).")
+        self.entries = {entry.name: entry for entry in unique_names(entries)}
+        self.default = default if default in self.entries else next(iter(self.entries))
+        self.options = options
+        self._lock = threading.Lock()
+        self._current: tuple[str, object, dict] | None = None  # name, pipeline, parameters to record
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, name) -> ModelEntry:
+        """The entry called `name`; anything else (a path, an unknown name) is refused."""
+        if not isinstance(name, str) or name not in self.entries:
+            raise UnknownModelError(f"Unknown model {name!r}: choose one of {', '.join(map(repr, self.entries))}.")
+        return self.entries[name]
+
+    def pipeline(self, name: str, on_load=None) -> tuple[object, dict]:
+        """The pipeline of model `name` and the parameters its outputs record; `on_load()` is called
+        first when it has to be loaded (to tell the user why this takes longer)."""
+        entry = self.entry(name)
+        with self._lock:
+            if self._current is not None and self._current[0] == name:
+                return self._current[1], self._current[2]
+            if on_load is not None:
+                on_load()
+            self._release_current()
+            pipe, params = load_entry(entry, self.options)
+            self._current = (name, pipe, params)
+            return pipe, params
+
+    def _release_current(self) -> None:
+        if self._current is None:
+            return
+        self._current = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_entry(entry: ModelEntry, options: LoadOptions) -> tuple[object, dict]:
+    """Load an entry as the CLI loads --base/--brushnet; returns the pipeline and what outputs record."""
+    import torch
+
+    from ..cli import load_pipeline_from_args, model_params
+
+    args = Namespace(base=entry.base, brushnet=entry.brushnet, base_config=None, allow_pickle=options.allow_pickle,
+                     scheduler=options.scheduler, offload="none" if entry.demo else options.offload,
+                     demo_model=entry.demo)
+    dtype = options.dtype or torch.float32
+    pipe = load_pipeline_from_args(args, options.device, dtype)
+    pipe.set_progress_bar_config(disable=True)  # the page shows the progress
+    params = model_params(args, dtype)
+    if not entry.demo:
+        # Outputs go to the browser: record the models' names and hashes, not the server's paths.
+        params.update(base=_short_name(entry.base), brushnet=_short_name(entry.brushnet))
+    return pipe, {"model": entry.name, **params}

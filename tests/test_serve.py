@@ -1,0 +1,486 @@
+"""`brushnet serve`: the page in a real browser, the API under concurrent clients, and the refusals.
+
+One server runs the built-in demo model on 127.0.0.1 for the whole module (in a thread of this
+process), with small upload limits so oversized uploads are cheap to make. While it runs, every
+socket connection to anything but this machine fails and is recorded: the server must need none.
+"""
+
+import io
+import itertools
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urljoin
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushnet.cli import main
+from brushnet.demo.scenes import make_scene
+from brushnet.metadata import read_png_params
+from brushnet.serve import app as serve_app
+from brushnet.serve.app import build_app, launch_options
+from brushnet.serve.generation import Cancelled, GenerationService, user_message
+from brushnet.serve.inputs import InputError, UploadLimits, build_mask, generation_settings
+from brushnet.serve.models import (
+    LoadOptions,
+    ModelRegistry,
+    UnknownModelError,
+    check_model_entry,
+    demo_entry,
+    parse_model_entry,
+)
+
+pytest.importorskip("gradio", reason='brushnet serve needs gradio: pip install -e ".[dev]"')
+gradio_client = pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
+Client, handle_file = gradio_client.Client, gradio_client.handle_file
+# gradio's queue uses pandas options that pandas 3 deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+REPO = Path(__file__).resolve().parents[1]
+# The README's screenshot; refreshed when BRUSHNET_UPDATE_SCREENSHOT=1, otherwise the test's own
+# screenshot goes to a temporary folder so a test run leaves the checkout unchanged.
+README_SCREENSHOT = REPO / "docs" / "serve-screenshot.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+# Small limits: a demo scene (64x64) fits, a 150x150 image or a 300 KB file does not.
+LIMITS = UploadLimits(max_pixels=128 * 128, max_upload_bytes=200_000)
+SCENE_SEED = 11  # a scene with shapes near the middle, where the browser test paints
+STEPS = 20
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def outside_connections():
+    """Connections attempted to anything but this machine while the server runs: refused and recorded."""
+    attempts = []
+    original_connect, original_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def local_only(connect):
+        def guarded(sock, address):
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+                attempts.append(address)
+                raise OSError(f"test_serve: no connection to {address} allowed")
+            return connect(sock, address)
+        return guarded
+
+    socket.socket.connect = local_only(original_connect)
+    socket.socket.connect_ex = local_only(original_connect_ex)
+    yield attempts
+    socket.socket.connect, socket.socket.connect_ex = original_connect, original_connect_ex
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@pytest.fixture(scope="module")
+def server(outside_connections, tmp_path_factory):
+    registry = ModelRegistry([demo_entry()], LoadOptions())
+    service = GenerationService(registry, LIMITS, output_dir=tmp_path_factory.mktemp("serve-results"))
+    app = build_app(service)
+    options = launch_options(service, "127.0.0.1", _free_port(), auth=None)
+    _, url, _ = app.launch(**options, prevent_thread_lock=True, quiet=True)
+    yield SimpleNamespace(url=url, service=service, app=app)
+    app.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A demo scene, a mask over its middle, and images over the limits."""
+    folder = tmp_path_factory.mktemp("serve-inputs")
+    make_scene(SCENE_SEED).image.save(folder / "scene.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[20:44, 20:44] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.new("RGB", (150, 150), "white").save(folder / "too-many-pixels.png")  # small file, 22500 pixels
+    Image.new("L", (100, 80), 255).save(folder / "other-size-mask.png")
+    noise = np.random.default_rng(0).integers(0, 256, (100, 1000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "too-many-bytes.png")  # about 300 KB
+    return SimpleNamespace(scene=folder / "scene.png", mask=folder / "mask.png",
+                           too_many_pixels=folder / "too-many-pixels.png", too_many_bytes=folder / "too-many-bytes.png",
+                           other_size_mask=folder / "other-size-mask.png")
+
+
+def _editor(path) -> dict:
+    return {"background": handle_file(str(path)), "layers": [], "composite": None}
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+# -- the page in a browser ----------------------------------------------------------------------
+
+def test_browser_paint_a_stroke_and_inpaint(server, files, tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no system Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    scene = _pixels(files.scene)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            requested = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(server.url)
+            # The editor takes uploads once its drawing canvas exists (gradio keeps a connection
+            # open, so "network idle" never comes).
+            page.wait_for_selector("#editor canvas", state="attached", timeout=60_000)
+            _upload_to_editor(page, files.scene, sync_api.TimeoutError)
+            page.get_by_role("button", name="Brush", exact=True).click()
+            _set_brush_size(page, 5)  # the default suits photos; a 64x64 scene needs a finer brush
+            _paint_scribble(page, page.locator("#editor canvas").first.bounding_box())
+            page.fill("#prompt textarea", "a green square")
+            page.fill("#seed input", "7")
+
+            # A long generation shows its steps, and Cancel stops it on the server.
+            _set_number(page, "#steps", 150)
+            runs_before = len(server.service.runs)
+            page.click("#inpaint-button")
+            page.locator("#results").get_by_text("denoising").wait_for(timeout=60_000)
+            page.click("#cancel")
+            _wait_until(lambda: len(server.service.runs) > runs_before)
+            cancelled = server.service.runs[-1]
+            assert cancelled.outcome == "cancelled" and cancelled.steps < 150
+
+            _set_number(page, "#steps", STEPS)
+            page.click("#inpaint-button")
+            page.wait_for_selector("#results img", timeout=60_000)
+
+            result = _fetch_pixels(page, "#results img")
+            preview = _fetch_pixels(page, "#preview img")
+            assert "built-in demo model" in page.inner_text("#params")
+            for close in page.locator(".toast-close").all():  # the "Cancelled." notice
+                close.click()
+            screenshot = README_SCREENSHOT if os.environ.get("BRUSHNET_UPDATE_SCREENSHOT") else tmp_path / "page.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+    # The hole is where the preview tints the scene: the server's reading of the strokes.
+    hole = np.abs(preview - scene).max(axis=-1) > 20
+    rows, cols = np.nonzero(hole)
+    assert hole.sum() > 50, "the painted strokes did not reach the server"
+    assert abs(rows.mean() - 32) < 8 and abs(cols.mean() - 32) < 8, "the hole is not where the mouse painted"
+    assert result.shape == scene.shape
+    changed = np.abs(result - scene).max(axis=-1) > 0
+    assert changed[hole].mean() > 0.5, "the result did not repaint the stroke"
+    far = ~_grow(hole, 3)  # beyond the demo model's 3-pixel blend
+    assert far.sum() > 1000 and not changed[far].any(), "blending changed pixels away from the stroke"
+    outside = [url for url in requested if not url.startswith((server.url, "data:", "blob:"))]
+    assert outside == [], f"the page fetched from elsewhere: {outside[:3]}"
+
+
+def _upload_to_editor(page, path, timeout_error, attempts: int = 3) -> None:
+    """Upload into the image editor until the canvas shows it (an upload while the editor is still
+    setting up is dropped)."""
+    for attempt in range(attempts):
+        page.set_input_files("#editor input[type=file]", str(path))
+        try:
+            page.wait_for_selector("#editor .empty", state="detached", timeout=10_000)  # the image is drawn
+            return
+        except timeout_error:
+            if attempt == attempts - 1:
+                raise
+
+
+def _set_number(page, selector: str, value) -> None:
+    page.fill(f"{selector} input[type=number]", str(value))
+    page.keyboard.press("Tab")  # the slider takes the number when the box loses focus
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _set_brush_size(page, size: int) -> None:
+    page.get_by_role("button", name="Brush Size", exact=True).click()  # opens the size slider
+    page.locator("#editor input[type=range]").evaluate(
+        "(slider, size) => { slider.value = size; slider.dispatchEvent(new Event('input', {bubbles: true})); }", size)
+    page.get_by_role("button", name="Brush Size", exact=True).click()
+
+
+def _paint_scribble(page, box) -> None:
+    """Three horizontal strokes over the middle of the canvas (the image is centred in it). Few
+    mouse events: each one redraws the canvas, slow in a software-rendered headless browser."""
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for dy in (-20, 0, 20):
+        page.mouse.move(cx - 45, cy + dy)
+        page.mouse.down()
+        page.mouse.move(cx + 45, cy + dy)
+        page.mouse.up()
+
+
+def _fetch_pixels(page, selector) -> np.ndarray:
+    source = page.locator(selector).first.get_attribute("src")
+    response = page.request.get(urljoin(page.url, source))
+    assert response.ok, f"{selector}: {response.status}"
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB")).astype(np.int16)
+
+
+def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    grown = mask.copy()
+    for _ in range(pixels):
+        padded = np.pad(grown, 1)
+        grown = (padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+                 | padded[:-2, :-2] | padded[:-2, 2:] | padded[2:, :-2] | padded[2:, 2:])
+    return grown
+
+
+# -- the API ------------------------------------------------------------------------------------
+
+def test_five_clients_at_once_each_get_images_one_generation_at_a_time(server, files):
+    clients = [Client(server.url, verbose=False) for _ in range(5)]
+    runs_before = len(server.service.runs)
+    started = time.monotonic()
+    jobs = [client.submit(image=_editor(files.scene), mask=handle_file(str(files.mask)), prompt="a red circle",
+                          seed=k, steps=STEPS, api_name="/inpaint") for k, client in enumerate(clients)]
+    places = _queue_places_while_running(jobs)
+    results = [job.result(timeout=120) for job in jobs]
+    elapsed = time.monotonic() - started
+
+    for k, (gallery, params) in enumerate(results):
+        assert len(gallery) == 1 and params[0]["seed"] == k
+        assert Image.open(gallery[0]["image"]).size == (64, 64)
+    runs = server.service.runs[runs_before:]
+    assert [run.outcome for run in runs] == ["done"] * 5
+    assert all(later.start >= earlier.end for earlier, later in itertools.pairwise(runs)), "two generations overlapped"
+    assert max(places) >= 1, "no request ever waited in the queue"
+    print(f"\n5 concurrent requests: {elapsed:.1f} s in all; queue places seen {sorted(set(places))}; "
+          f"generations {[round(run.end - run.start, 2) for run in runs]} s")
+
+
+def _queue_places_while_running(jobs) -> list[int]:
+    places = []
+    while not all(job.done() for job in jobs):
+        places += [status.rank for status in (job.status() for job in jobs) if status.rank is not None]
+        time.sleep(0.02)
+    return places
+
+
+def test_outpaint_extends_the_canvas(server, files):
+    gallery, params = Client(server.url, verbose=False).predict(
+        image=handle_file(str(files.scene)), prompt="a yellow background", left=16, top=8, steps=STEPS, seed=1,
+        api_name="/outpaint")
+    result = _pixels(gallery[0]["image"])
+    assert result.shape == (72, 80, 3) and params[0]["outpaint"] == {"left": 16, "right": 0, "top": 8, "bottom": 0}
+    assert read_png_params(gallery[0]["image"]) == params[0]  # the download carries its parameters
+    assert np.array_equal(result[8 + 3:, 16 + 3:], _pixels(files.scene)[3:, 3:])  # the original, past the blend
+
+
+def test_oversized_uploads_get_a_clear_message(server, files):
+    client = Client(server.url, verbose=False)
+    with pytest.raises(Exception, match=r"150x150 = 22,500 pixels.*--max-pixels"):
+        client.predict(image=_editor(files.too_many_pixels), prompt="x", steps=2, api_name="/inpaint")
+    with pytest.raises(Exception, match=r"150x150 = 22,500 pixels.*--max-pixels"):
+        client.predict(image=handle_file(str(files.too_many_pixels)), prompt="x", left=8, steps=2,
+                       api_name="/outpaint")
+    # Over the byte limit: the client refuses to send it, and the server refuses it if sent anyway.
+    with pytest.raises(Exception, match=r"exceeds the maximum file size of 200000 bytes"):
+        client.predict(image=handle_file(str(files.too_many_bytes)), prompt="x", left=8, api_name="/outpaint")
+    import httpx
+
+    with open(files.too_many_bytes, "rb") as upload:
+        response = httpx.post(urljoin(server.url, "gradio_api/upload"), files={"files": upload})
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+
+
+def test_a_request_can_name_no_server_path(server, files):
+    client = Client(server.url, verbose=False)
+    for name in ("/etc/passwd", "../../models/other", "built-in"):
+        with pytest.raises(Exception, match="not in the list of choices"):
+            client.predict(image=_editor(files.scene), mask=handle_file(str(files.mask)), prompt="x", model=name,
+                           steps=2, api_name="/inpaint")
+    with pytest.raises(UnknownModelError, match="Unknown model '/etc/passwd': choose one of 'built-in demo model'"):
+        server.service.run("/etc/passwd", None, None, None)
+    # Nor a file on the server in place of an upload (the raw HTTP API, as a hostile page would call it).
+    import httpx
+
+    endpoint = urljoin(server.url, "gradio_api/call/outpaint")
+    server_file = {"path": str(files.scene), "meta": {"_type": "gradio.FileData"}}
+    data = [server_file, "x", 8, 0, 0, 0, "built-in demo model", "", 2, 7.5, 1.0, 0.0, 1.0, 1, True, 0, 1, False]
+    event = httpx.post(endpoint, json={"data": data}).json()["event_id"]
+    answer = httpx.get(f"{endpoint}/{event}", timeout=30).text
+    assert "event: error" in answer and "not uploaded by a user" in answer
+
+
+def test_a_failing_generation_shows_its_error_and_the_server_carries_on(server, files, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("brushnet.serve.generation.inpaint", broken)
+    client = Client(server.url, verbose=False)
+    request = {"image": _editor(files.scene), "mask": handle_file(str(files.mask)), "prompt": "x", "steps": 2,
+               "seed": 0, "api_name": "/inpaint"}
+    with pytest.raises(Exception, match=r"Generation failed \(RuntimeError: boom\)"):
+        client.predict(**request)
+    monkeypatch.undo()
+    gallery, _ = client.predict(**request)
+    assert len(gallery) == 1
+
+
+def test_mistakes_in_a_request_are_one_clear_sentence(server, files):
+    client = Client(server.url, verbose=False)
+    with pytest.raises(Exception, match="Nothing to fill: paint over the region"):
+        client.predict(image=_editor(files.scene), prompt="x", api_name="/inpaint")
+    with pytest.raises(Exception, match="The mask is 100x80 but the image is 64x64"):
+        client.predict(image=_editor(files.scene), mask=handle_file(str(files.other_size_mask)), prompt="x",
+                       api_name="/inpaint")
+    with pytest.raises(Exception, match="The prompt is empty"):
+        client.predict(image=_editor(files.scene), mask=handle_file(str(files.mask)), prompt=" ", api_name="/inpaint")
+
+
+def test_cancel_stops_the_generation_at_the_next_step(server, files):
+    service = server.service
+    scene, hole = Image.open(files.scene), Image.open(files.mask)
+    settings = generation_settings("a red circle", "", 150, 7.5, 1.0, 0, 1, 0, 1, True, 0, False)
+    steps_seen = []
+
+    def progress(value, desc=None, unit=None):  # what gr.Progress receives; Cancel pressed at step 3
+        steps_seen.append(value)
+        if value == (3, 150):
+            threading.Thread(target=service.request_cancel, args=("session-a",)).start()
+            time.sleep(0.2)
+
+    with pytest.raises(Cancelled):
+        service.run("built-in demo model", scene, hole, settings, session="session-a", progress=progress)
+    assert steps_seen[-1][0] <= 4 and service.runs[-1].outcome == "cancelled" and service.runs[-1].steps <= 4
+    # A later request of the same session, and any other session, runs as usual.
+    settings.steps = 2
+    assert len(service.run("built-in demo model", scene, hole, settings, session="session-a")) == 1
+
+
+def test_the_server_reached_nothing_outside_this_machine(server, outside_connections):
+    # Last of the server's tests: it has started, served the page and run every kind of request.
+    assert outside_connections == [], f"the server tried to reach the internet: {outside_connections}"
+
+
+# -- the command line and the pieces ------------------------------------------------------------
+
+def test_models_entries_are_checked_at_start(golden, tmp_path, capsys):
+    sd15, sdxl = golden("sd15_tiny_pipeline").dir, golden("sdxl_tiny_pipeline").dir
+    entry = parse_model_entry(str(sd15))
+    assert (entry.base, entry.brushnet) == (str(sd15), str(sd15 / "brushnet"))
+    check_model_entry(entry)
+    pair = parse_model_entry(f"{sd15}::{sd15 / 'brushnet'}")
+    assert pair.name == "sd15_tiny_pipeline + brushnet"
+
+    mismatched = f"{sd15}::{sdxl / 'brushnet'}"
+    assert main(["serve", "--models", mismatched]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--models sd15_tiny_pipeline + brushnet" in error and "SDXL" in error
+    (tmp_path / "plain").mkdir()
+    for bad, message in [(str(tmp_path / "missing"), "does not exist"),
+                         (str(tmp_path / "plain"), "not a BrushNet pipeline folder"),
+                         (f"{sd15}::", "BASE::BRUSHNET")]:
+        assert main(["serve", "--models", bad]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and message in error, error
+
+
+def test_models_load_on_first_use_one_at_a_time(golden, files):
+    sd15 = golden("sd15_tiny_pipeline").dir
+    registry = ModelRegistry([parse_model_entry(str(sd15)), demo_entry()], LoadOptions())
+    assert registry.names == ["sd15_tiny_pipeline", "built-in demo model"] and registry.default == "sd15_tiny_pipeline"
+    service = GenerationService(registry, LIMITS)
+    messages = []
+    settings = generation_settings("a cat", "", 2, 7.5, 1.0, 0, 1, 3, 1, True, 0, False)
+    image, hole = Image.open(files.scene).convert("RGB"), Image.open(files.mask)
+    for name in ("sd15_tiny_pipeline", "sd15_tiny_pipeline", "built-in demo model"):
+        (result,) = service.run(name, image, hole, settings,
+                                progress=lambda value, desc=None, unit=None: messages.append(desc))
+        assert result.params["model"] == name and Image.open(result.path).size == (64, 64)
+        assert str(sd15) not in str(result.params)  # no server path reaches the browser
+    loads = [message for message in messages if message.startswith("loading")]
+    assert loads == ["loading sd15_tiny_pipeline", "loading built-in demo model"]
+
+
+def test_serve_command_binds_locally_and_warns_elsewhere(monkeypatch, capsys):
+    launched = {}
+
+    class FakeApp:
+        def launch(self, **options):
+            launched.update(options)
+            return None, f"http://{options['server_name']}:{options['server_port']}/", None
+
+        def block_thread(self):
+            pass
+
+    monkeypatch.setattr(serve_app, "build_app", lambda service: FakeApp())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the command lowers it
+    assert main(["serve", "--port", "7999"]) == 0
+    assert launched["server_name"] == "127.0.0.1" and launched["auth"] is None and not launched["share"]
+    assert launched["max_file_size"] == 50 * 2**20 and "warning" not in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--auth", "ann:secret:with:colons", "--max-upload-mb", "2"]) == 0
+    assert launched["auth"] == ("ann", "secret:with:colons") and launched["max_file_size"] == 2 * 2**20
+    assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0"]) == 0
+    assert "protect it with --auth USER:PASS" in capsys.readouterr().err
+    assert main(["serve", "--auth", "nopassword"]) == 2
+    assert "--auth must be USER:PASS" in capsys.readouterr().err
+
+
+def test_serve_without_gradio_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "gradio", None)  # import gradio now raises ImportError
+    assert main(["serve"]) == 2
+    assert 'install it with pip install "brushnet[serve]"' in capsys.readouterr().err
+
+
+def test_importing_the_cli_does_not_import_gradio():
+    import subprocess
+    import sys
+
+    code = "import sys, brushnet.cli; brushnet.cli.build_parser(); print('gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_mask_from_strokes_upload_and_invert():
+    strokes = np.zeros((4, 6), dtype=bool)
+    strokes[0, 0] = True
+    uploaded = Image.fromarray(np.pad(np.full((1, 1), 255, np.uint8), ((3, 0), (5, 0))))
+    hole = np.asarray(build_mask((6, 4), strokes, uploaded, invert=False)) > 0
+    assert hole.sum() == 2 and hole[0, 0] and hole[3, 5]
+    assert (np.asarray(build_mask((6, 4), strokes, None, invert=True)) > 0).sum() == 23
+    with pytest.raises(InputError, match="Nothing to fill"):
+        build_mask((6, 4), None, None, invert=False)
+    with pytest.raises(InputError, match="covers the whole image"):
+        build_mask((6, 4), None, None, invert=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "steps must be a whole number from 1 to 200"),
+    ({"steps": 10**6}, "steps must be a whole number from 1 to 200"),
+    ({"num_images": 9}, "number of images must be a whole number from 1 to 8"),
+    ({"start": 0.8, "end": 0.2}, "Start (0.8) must be below end (0.2)"),
+    ({"blend_kernel": 20}, "blend kernel must be odd"),
+    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"seed": -2}, "seed must be a whole number from -1"),
+])
+def test_settings_out_of_bounds_are_refused(change, message):
+    values = {"prompt": "x", "negative_prompt": "", "steps": 20, "guidance": 7.5, "scale": 1.0, "start": 0.0,
+              "end": 1.0, "seed": 1, "num_images": 1, "blend": True, "blend_kernel": 0, "crop_to_mask": False}
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        generation_settings(**{**values, **change})
+
+
+def test_unexpected_errors_are_summarised_for_the_page():
+    assert user_message(InputError("Fix this.")) == "Fix this."
+    assert user_message(KeyError("deep detail")).startswith("Generation failed (KeyError: 'deep detail')")
