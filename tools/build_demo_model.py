@@ -3,14 +3,20 @@
 Every stage checkpoints into OUT and resumes where it stopped, so the build can run in several
 sittings (on a 2-core CPU) or at once on a GPU:
 
-    python tools/build_demo_model.py OUT [--stage all|data|vae|base|brushnet|assemble] [--device auto]
+    OMP_NUM_THREADS=1 python tools/build_demo_model.py OUT --install [--stage all|data|vae|base|brushnet|assemble]
+
+The defaults are the shipped model's settings (4000 scenes; VAE 1300 steps at batch 16; base 3000
+steps at batch 32; BrushNet 2000 steps at batch 32, lr 3e-4): about 1 h 50 min on one CPU core
+(BENCHMARKS.md has the measured time per stage); stop it at any time (Ctrl-C) and run the same
+command again to go on from the last checkpoint (every 100 steps). `--install` copies the
+assembled model into the package (src/brushnet/demo/model), replacing the shipped one.
 
 Stages: `data` writes the training scenes (images, captions, per-shape RLE masks); `vae` trains an
 AutoencoderKL (64x64 -> 16x16x4); `base` trains a CLIP text encoder over the closed vocabulary
 together with an SD1.5-shaped UNet (epsilon prediction, 10 % empty captions) and saves a
-StableDiffusionPipeline folder; `brushnet` runs `brushnet.training.train` on it, first with the
-scenes' segmentation masks, then with random brush masks; `assemble` writes the BrushNet pipeline
-folder the package ships.
+StableDiffusionPipeline folder; `brushnet` runs `brushnet.training.train` on it with the scenes'
+segmentation masks; `assemble` writes the BrushNet pipeline folder the package ships, its
+weights stored in float16.
 """
 
 import argparse
@@ -53,20 +59,24 @@ def base_models(tokenizer):
     return text_encoder, unet
 
 
-def scene_batches(data: Path, batch: int, seed: int, device):
-    """Endless batches of (images in [-1, 1], captions) from the written scenes, reproducibly shuffled."""
+def scene_batches(data: Path, batch: int, seed: int | None, device, epochs: int | None = None):
+    """Batches of (images in [-1, 1], captions) from the written scenes, reproducibly shuffled
+    (seed None: in file order, the last batch may be short); endless unless `epochs` is given."""
+    import itertools
+
     import numpy as np
     from PIL import Image
 
     images = sorted(data.glob("*.png"))
     rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(images))
-        for start in range(0, len(images) - batch + 1, batch):
+    for _ in itertools.count() if epochs is None else range(epochs):
+        order = np.arange(len(images)) if seed is None else rng.permutation(len(images))
+        last = len(images) if seed is None else len(images) - batch + 1
+        for start in range(0, last, batch):
             picked = [images[i] for i in order[start:start + batch]]
             pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32))
                                   for p in picked]).permute(0, 3, 1, 2) / 127.5 - 1
-            captions = [p.with_suffix(".txt").read_text() for p in picked]
+            captions = [p.with_suffix(".txt").read_text().strip() for p in picked]
             yield pixels.to(device), captions
 
 
@@ -99,7 +109,7 @@ def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, 
 
 def stage_vae(out: Path, args, device):
     vae = vae_model().to(device).train()
-    batches = scene_batches(out / "data", args.batch, 1, device)
+    batches = scene_batches(out / "data", args.vae_batch, 1, device)
 
     def step():
         pixels, _ = next(batches)
@@ -118,20 +128,28 @@ def stage_vae(out: Path, args, device):
 
 def stage_base(out: Path, args, device):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     tokenizer = write_tokenizer(out / "tokenizer")
     vae = AutoencoderKL.from_pretrained(out / "vae").to(device).requires_grad_(False)
     text_encoder, unet = (m.to(device).train() for m in base_models(tokenizer))
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     steps_offset=1)
-    batches = scene_batches(out / "data", args.batch, 2, device)
+    # The VAE is frozen here: encode every scene once (mean and log-variance) instead of every step.
+    moments, all_captions = [], []
+    with torch.no_grad():
+        for pixels, captions in scene_batches(out / "data", 50, None, device, epochs=1):
+            moments.append(vae.encode(pixels).latent_dist.parameters)
+            all_captions += captions
+    moments = torch.cat(moments)
     generator = torch.Generator().manual_seed(0)
 
     def step():
-        pixels, captions = next(batches)
-        captions = ["" if torch.rand((), generator=generator) < 0.1 else c for c in captions]
+        picked = torch.randint(0, len(moments), (args.batch,), generator=generator)
+        captions = ["" if torch.rand((), generator=generator) < 0.1 else all_captions[i] for i in picked.tolist()]
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            posterior = DiagonalGaussianDistribution(moments[picked.to(device)])
+            latents = posterior.sample() * vae.config.scaling_factor
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         noise = torch.randn_like(latents)
@@ -149,29 +167,40 @@ def stage_base(out: Path, args, device):
 def stage_brushnet(out: Path, args, device):
     from brushnet.training import TrainConfig, train
 
-    phases = [("segmentation", False, args.brushnet_steps // 2), ("random", True, args.brushnet_steps)]
-    for name, random_mask, steps in phases:
-        train(TrainConfig(
-            pretrained_model_name_or_path=str(out / "base"), train_data_dir=str(out / "data"),
-            output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
-            learning_rate=1e-4, lr_warmup_steps=100, checkpointing_steps=max(steps // 10, 1),
-            checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=random_mask,
-            report_to="none", seed=0,
-        ))
-        print(f"brushnet: {name}-mask phase done at step {steps}", flush=True)
+    # Segmentation masks only (like the authors' segmentation_mask_brushnet): the reference's random
+    # brush strokes are 128 px wide, which at 64x64 would cover the whole scene.
+    steps = args.brushnet_steps
+    train(TrainConfig(
+        pretrained_model_name_or_path=str(out / "base"), train_data_dir=str(out / "data"),
+        output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
+        learning_rate=args.brushnet_lr, lr_warmup_steps=100, checkpointing_steps=max(min(steps // 10, 100), 1),
+        checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
+    ))
+    print(f"brushnet: done at step {steps}", flush=True)
 
 
-def stage_assemble(out: Path):
+def stage_assemble(out: Path, install: bool):
     from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline
+    from brushnet.demo.model import DEMO_MODEL_DIR
 
     pipe = StableDiffusionBrushNetPipeline.from_pretrained(out / "base", brushnet=BrushNetModel.from_pretrained(
         out / "brushnet"))
+    # float16 on disk halves the package; the weights load back as float32 (measured in
+    # BENCHMARKS.md on the shipped files, so the figures are the shipped model's).
+    pipe.to(torch.float16)
     target = out / "demo-model"
     if target.exists():
         shutil.rmtree(target)
     pipe.save_pretrained(target)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     print(f"demo model in {target}: {size / 2**20:.1f} MiB", flush=True)
+    if install:
+        staging = DEMO_MODEL_DIR.with_name(".model.new")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(target, staging)
+        shutil.rmtree(DEMO_MODEL_DIR, ignore_errors=True)
+        staging.rename(DEMO_MODEL_DIR)
+        print(f"installed into {DEMO_MODEL_DIR}", flush=True)
 
 
 def main():
@@ -179,11 +208,15 @@ def main():
     parser.add_argument("out", type=Path)
     parser.add_argument("--stage", default="all", choices=["all", "data", "vae", "base", "brushnet", "assemble"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--scenes", type=int, default=20000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--base-steps", type=int, default=20000)
-    parser.add_argument("--brushnet-steps", type=int, default=6000)
+    parser.add_argument("--scenes", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=32, help="batch of the base and BrushNet stages")
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-steps", type=int, default=1300)
+    parser.add_argument("--base-steps", type=int, default=3000)
+    parser.add_argument("--brushnet-steps", type=int, default=2000)
+    parser.add_argument("--brushnet-lr", type=float, default=3e-4)
+    parser.add_argument("--install", action="store_true",
+                        help="assemble: also copy the model into the package (src/brushnet/demo/model)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -198,7 +231,7 @@ def main():
         elif stage == "brushnet":
             stage_brushnet(args.out, args, args.device)
         elif stage == "assemble":
-            stage_assemble(args.out)
+            stage_assemble(args.out, args.install)
 
 
 if __name__ == "__main__":
