@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "command to try other prompts.")
     demo.add_argument("--out", "-o", default="brushnet-demo", help="output folder (default brushnet-demo)")
     demo.add_argument("--prompt", "-p", help="what to paint in the hole (default: the removed shape's own words)")
-    demo.add_argument("--scene", type=int, default=0, metavar="N", help="which held-out example scene (default 0)")
+    demo.add_argument("--scene", type=int, default=1, metavar="N",
+                      help="which held-out example scene, 0-199 (default 1, one the demo model gets right; "
+                           "its success rate is in BENCHMARKS.md)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
