@@ -11,6 +11,15 @@ steps at batch 32; BrushNet 2000 steps at batch 32, lr 3e-4): about 1 h 50 min o
 command again to go on from the last checkpoint (every 100 steps). `--install` copies the
 assembled model into the package (src/brushnet/demo/model), replacing the shipped one.
 
+The shipped model pairs that BrushNet with the base trained on to 5500 steps (plug-and-play: a
+"fine-tuned" base; measured better in BENCHMARKS.md), made on the second core while the BrushNet
+trained:
+
+    mkdir B2 && ln -s $PWD/OUT/data B2/data && cp -r OUT/vae OUT/tokenizer OUT/base.pt B2/   # after `base`
+    python tools/build_demo_model.py B2 --stage base --base-steps 5500
+    mkdir F && ln -s $PWD/B2/base F/base && ln -s $PWD/OUT/brushnet F/brushnet            # after `brushnet`
+    python tools/build_demo_model.py F --stage assemble --install
+
 Stages: `data` writes the training scenes (images, captions, per-shape RLE masks); `vae` trains an
 AutoencoderKL (64x64 -> 16x16x4); `base` trains a CLIP text encoder over the closed vocabulary
 together with an SD1.5-shaped UNet (epsilon prediction, 10 % empty captions) and saves a
