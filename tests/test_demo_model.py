@@ -105,3 +105,22 @@ def test_demo_command_writes_scene_mask_and_result(tmp_path, capsys):
     # A second run keeps the user's files unless told.
     assert main(["demo", "--out", str(out), "--steps", "5"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_every_demo_model_file_is_package_data():
+    """A wheel carries only what pyproject's package-data globs name (checked by building one:
+    all 12 model files are in it); a model file the globs miss would be lost on installation."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["brushnet"]
+    package_root = DEMO_MODEL_DIR.parents[1]  # src/brushnet
+    for path in DEMO_MODEL_DIR.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(package_root).as_posix()
+            # setuptools' "*" does not cross "/", unlike fnmatch's: compare segment by segment.
+            assert any(len(g.split("/")) == len(relative.split("/")) and
+                       all(fnmatch.fnmatchcase(a, b) for a, b in zip(relative.split("/"), g.split("/")))
+                       for g in globs), relative
