@@ -420,7 +420,7 @@ def _load(args):
 def load_pipeline_from_args(args, device: str, dtype):
     """The pipeline of --base/--brushnet with --scheduler, on --device or offloaded as --offload says."""
     from .loading import load_pipeline
-    from .schedulers import SCHEDULERS, make_scheduler
+    from .schedulers import make_scheduler
 
     if bool(args.base) != bool(args.brushnet):
         raise UserError(ONE_MODEL)
@@ -430,8 +430,7 @@ def load_pipeline_from_args(args, device: str, dtype):
         args.base, args.brushnet = str(demo_model_dir()), str(demo_model_dir() / "brushnet")
         args.demo_model = True
         print(DEMO_NOTICE, file=sys.stderr)
-    if args.scheduler not in SCHEDULERS:
-        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    check_scheduler(args.scheduler)
     if args.offload != "none" and device == "cpu":
         raise UserError("--offload needs a GPU (--device cuda or mps)")
     pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
@@ -444,6 +443,13 @@ def load_pipeline_from_args(args, device: str, dtype):
     else:
         pipe.enable_sequential_cpu_offload(device=device)
     return pipe
+
+
+def check_scheduler(name: str) -> None:
+    from .schedulers import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def model_params(args, dtype) -> dict:

@@ -141,12 +141,16 @@ def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise ModelLoadError(f"{path} is not a readable .safetensors file ({_first_line(e)}): check the file.") from e
 
 
+def _refuse_pickle(path: Path) -> None:
+    raise ModelLoadError(
+        f"{path} is a pickle file ({path.suffix}), and loading a pickle can run arbitrary code: convert it to "
+        ".safetensors, or pass allow_pickle=True (--allow-pickle) if you trust where it came from."
+    )
+
+
 def _load_pickle_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not allow_pickle:
-        raise ModelLoadError(
-            f"{path} is a pickle file ({path.suffix}), and loading a pickle can run arbitrary code: convert it to "
-            ".safetensors, or pass allow_pickle=True (--allow-pickle) if you trust where it came from."
-        )
+        _refuse_pickle(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -679,12 +683,15 @@ def _check_not_inpainting(info: _BaseInfo, source) -> None:
 def check_model_pair(base, brushnet, *, allow_pickle=False, **hub_kwargs) -> _BaseInfo:
     """Refuse a base model and BrushNet that cannot work together, from configs and checkpoint
     headers only (no weights read): an inpainting (9-channel) base, or a BrushNet of the other family
-    (when its family can be read without loading it). Raises `ModelLoadError`."""
+    (when its family can be read without loading it), a pickle BrushNet without `allow_pickle`.
+    Raises `ModelLoadError`."""
     base_info = _inspect_base(base, allow_pickle, hub_kwargs)
     _check_not_inpainting(base_info, base)
     family = _peek_brushnet_family(brushnet)
     if family is not None:
         _check_families(family, base_info.family, brushnet, base)
+    elif not allow_pickle and not isinstance(brushnet, BrushNetModel) and Path(brushnet).suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(Path(brushnet))
     return base_info
 
 

@@ -78,7 +78,7 @@ def cmd_serve(args) -> int:
 
 def build_service(args):
     """The models, limits and device of the command line, every --models entry checked."""
-    from ..cli import _device, _dtype
+    from ..cli import _device, _dtype, check_scheduler
     from .generation import GenerationService
     from .inputs import UploadLimits
     from .models import LoadOptions, ModelRegistry, check_model_entry, demo_entry, parse_model_entry
@@ -90,7 +90,7 @@ def build_service(args):
     demo = demo_entry()
     entries = configured + ([demo] if demo else [])
     device = _device(args.device)
-    _check_scheduler(args.scheduler)
+    check_scheduler(args.scheduler)
     options = LoadOptions(device=device, dtype=_dtype(args.dtype, device), scheduler=args.scheduler,
                           offload=args.offload, allow_pickle=args.allow_pickle)
     default = configured[0].name if configured else (demo.name if demo else None)
@@ -106,14 +106,6 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
         raise UserError("--auth must be USER:PASS, both non-empty (e.g. --auth alice:s3cret)")
     return user, password
-
-
-def _check_scheduler(name: str) -> None:
-    from ..cli import UserError
-    from ..schedulers import SCHEDULERS
-
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown --scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def _limit_decoded_pixels(max_pixels: int) -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PAIR_SEPARATOR = "::"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 class UnknownModelError(ValueError):
@@ -86,11 +85,6 @@ def check_model_entry(entry: ModelEntry, allow_pickle: bool = False) -> None:
     from ..loading import ModelLoadError, check_model_pair
 
     try:
-        if Path(entry.brushnet).suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise ModelLoadError(
-                f"{entry.brushnet} is a pickle file, and loading a pickle can run arbitrary code: convert it to "
-                ".safetensors, or pass --allow-pickle if you trust where it came from."
-            )
         check_model_pair(entry.base, entry.brushnet, allow_pickle=allow_pickle)
     except ModelLoadError as error:
         raise ModelLoadError(f"--models {entry.name}: {error}") from None
