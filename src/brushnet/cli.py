@@ -427,7 +427,8 @@ def load_pipeline_from_args(args, device: str, dtype):
     if not args.base:
         from .demo.model import DEMO_NOTICE, demo_model_dir
 
-        args.base, args.brushnet = str(demo_model_dir()), str(demo_model_dir() / "brushnet")
+        folder = demo_model_dir()
+        args.base, args.brushnet = str(folder), str(folder / "brushnet")
         args.demo_model = True
         print(DEMO_NOTICE, file=sys.stderr)
     check_scheduler(args.scheduler)

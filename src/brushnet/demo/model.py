@@ -14,7 +14,6 @@ DEMO_NOTICE = (
     "using the built-in demo model (64x64 procedural scenes of coloured shapes; pass --base and "
     "--brushnet for real photos)"
 )
-DEMO_PROMPT = "a red circle on a blue background"
 
 
 def demo_model_dir() -> Path:
