@@ -13,6 +13,7 @@ from PIL import Image
 from brushnet.cli import main
 from brushnet.models import BrushNetModel
 from brushnet.training import TrainConfig, parse_train_args, train
+from brushnet.training.config import warmup_steps
 from brushnet.training.loop import diffusion_loss, load_base_components
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -139,8 +140,10 @@ def test_option_names_and_errors(tmp_path):
                             "2e-5", "--train-batch-size", "3", "--random_mask", "--checkpoints_total_limit", "2"])
     assert (cfg.learning_rate, cfg.train_batch_size, cfg.random_mask, cfg.checkpoints_total_limit) == \
         (2e-5, 3, True, 2)
-    assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.adam_weight_decay, cfg.max_grad_norm) == \
-        ("constant", 500, 1e-2, 1.0)
+    assert (cfg.lr_scheduler, cfg.adam_weight_decay, cfg.max_grad_norm) == ("constant", 1e-2, 1.0)
+    # The reference's constant schedule ignores its 500 warm-up steps; other schedules get them.
+    assert warmup_steps(cfg) == (0, None)
+    assert warmup_steps(TrainConfig(lr_scheduler="cosine")) == (500, None)
     assert parse_train_args(["--resume", "latest"]).resume_from_checkpoint == "latest"
     with pytest.raises(ValueError, match="does not exist"):
         train(TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(tmp_path / "nothing")))
@@ -154,10 +157,15 @@ def test_two_processes_with_torchrun(golden, data, tmp_path):
          "--pretrained_model_name_or_path", str(golden("sd15_tiny_pipeline").dir), "--train_data_dir", str(data),
          "--output_dir", str(out), "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", "2",
          "--checkpointing_steps", "2", "--report_to", "none", "--seed", "0"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+        # Processes on CPUs join (gloo) only when accelerate is told to use the CPU; else each trains alone.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoint-2" / "brushnet" / "config.json").is_file()
+    # Renamed only once both processes had written their random states into it.
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint-2"]
+    assert all((out / "checkpoint-2" / f"random_states_{rank}.pkl").is_file() for rank in (0, 1))
     BrushNetModel.from_pretrained(out)
 
 
@@ -184,7 +192,8 @@ def test_base_stays_frozen_and_only_brushnet_learns(golden, data, tmp_path, monk
 
 
 def _run(golden, data, out, steps, **overrides):
-    train(config(golden, data, out, max_train_steps=steps, checkpointing_steps=2, lr_warmup_steps=2, **overrides))
+    train(config(golden, data, out, max_train_steps=steps, checkpointing_steps=2, lr_scheduler="constant_with_warmup",
+                 lr_warmup_steps=2, **overrides))
     return BrushNetModel.from_pretrained(out).state_dict()
 
 
@@ -260,6 +269,18 @@ def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
          "could be used"),
         (["--resolution", "16", "--output_dir", str(tmp_path / "o3"), "--pretrained_model_name_or_path",
           str(tmp_path)], "not a diffusers base model"),
+        # Each of these used to fail only after the models loaded and a step trained, or much later.
+        (["--resolution", "16", "--output_dir", str(broken / "a.png")], "is a file, not a folder"),
+        (["--resolution", "16", "--output_dir", str(broken / "a.png" / "run")], "is a file, not a folder"),
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o4"), "--validation_image", str(tmp_path / "no.png"),
+          "--validation_mask", str(data / "masks" / "00.png"), "--validation_prompt", "a cat"], "no.png"),
+        # A DataLoader worker's error is its message, not the worker's traceback.
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o5"), "--train_data_dir", str(broken),
+          "--dataloader_num_workers", "2"], "could be used"),
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o6"), "--resume_from_checkpoint", str(data)],
+         "named checkpoint-N"),
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o7"), "--resume_from_checkpoint", "checkpoint-3"],
+         "not a checkpoint folder"),
     ]
     for extra, message in cases:
         capsys.readouterr()
@@ -267,7 +288,9 @@ def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "brushnet: error:" in line]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+        assert len(err.strip().splitlines()[-1]) < 300 and errors[0] == err.strip().splitlines()[-1], err
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["checkpoint-10"]
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
 
 
 def test_bf16_mixed_precision(golden, data, tmp_path):
@@ -276,3 +299,145 @@ def test_bf16_mixed_precision(golden, data, tmp_path):
     brushnet = BrushNetModel.from_pretrained(tmp_path / "bf16")
     assert brushnet.dtype == torch.float32  # the trained weights stay fp32; only the frozen base runs in bf16
     assert all(torch.isfinite(p).all() for p in brushnet.parameters())
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(golden, data, tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    real_save, saves = Accelerator.save_state, []
+
+    def interrupted(self, output_dir, **kwargs):
+        saves.append(output_dir)
+        if len(saves) == 2:  # Ctrl-C after the first file of checkpoint-4 is written
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
+                f.write(b"half a file")
+            raise KeyboardInterrupt
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", interrupted)
+    options = dict(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(golden, data, out, **options))
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint-2", "checkpoint-4.partial"]
+    BrushNetModel.from_pretrained(out / "checkpoint-2" / "brushnet")
+
+    capsys.readouterr()
+    train(config(golden, data, out, resume_from_checkpoint="latest", **options))
+    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    # The leftover is gone, the limit holds, and the run reached its last step.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-6"]
+    BrushNetModel.from_pretrained(out / "checkpoint-6" / "brushnet")
+
+
+def test_resume_skips_incomplete_checkpoints(golden, data, tmp_path, caplog, capsys):
+    import logging
+    import shutil
+
+    out = tmp_path / "run"
+    train(config(golden, data, out, max_train_steps=2, checkpointing_steps=2))
+    (out / "checkpoint-4").mkdir()  # empty, as an older version left it when interrupted
+    shutil.copytree(out / "checkpoint-2" / "brushnet", out / "checkpoint-6" / "brushnet")  # no state files
+    (out / "checkpoint-8.partial").mkdir()
+    (out / "checkpoint-8.partial" / "optimizer.bin").write_bytes(b"cut short")
+
+    with pytest.raises(ValueError, match=r"checkpoint-6 is incomplete \(no random_states_0.pkl\).*latest"):
+        train(config(golden, data, out, max_train_steps=8, resume_from_checkpoint="checkpoint-6"))
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        train(config(golden, data, out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    skipped = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
+    assert len(skipped) == 2 and "checkpoint-6: incomplete" in skipped[0] and "checkpoint-4" in skipped[1], skipped
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # checkpoint-4 was written again, complete: an explicit resume from it works, and says when there is
+    # nothing left to train.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(config(golden, data, out, max_train_steps=3, resume_from_checkpoint=str(out / "checkpoint-4")))
+    assert "nothing to train" in caplog.text
+    # Resuming a run saved without EMA with --use_ema cannot restore the EMA weights: said before loading.
+    with pytest.raises(ValueError, match="checkpoint-4 was saved without --use_ema"):
+        train(config(golden, data, out, max_train_steps=8, resume_from_checkpoint="latest", use_ema=True))
+
+
+@pytest.mark.parametrize("options, expected, warning", [
+    # The defaults, as the reference runs: no warm-up, the full rate from step 1.
+    (dict(lr_warmup_steps=None), [1.0, 1.0, 1.0, 1.0], None),
+    # Warm-up steps with the constant schedule do nothing: said once.
+    (dict(lr_warmup_steps=3), [1.0, 1.0, 1.0, 1.0], "has no effect with --lr_scheduler constant"),
+    # A warm-up rises linearly from 0, counted in optimiser steps (not batches).
+    (dict(lr_scheduler="constant_with_warmup", lr_warmup_steps=2, gradient_accumulation_steps=2),
+     [0.0, 0.5, 1.0, 1.0], None),
+    (dict(lr_scheduler="linear", lr_warmup_steps=2), [0.0, 0.5, 1.0, 0.5], None),
+    # The default 500 warm-up steps of the other schedulers, longer than this run: said once.
+    (dict(lr_scheduler="constant_with_warmup", lr_warmup_steps=None), [0.0, 1 / 500, 2 / 500, 3 / 500],
+     "--lr_warmup_steps 500 is not below --max_train_steps 4"),
+])
+def test_learning_rate_at_each_step(golden, data, tmp_path, monkeypatch, caplog, options, expected, warning):
+    import logging
+
+    import brushnet.training.loop as loop
+
+    used = []
+    real_optimizer = loop.make_optimizer
+
+    def recording(*args):
+        optimizer = real_optimizer(*args)
+        optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    with caplog.at_level(logging.WARNING):
+        train(config(golden, data, tmp_path / "run", max_train_steps=4, learning_rate=1e-3, **options))
+    assert used == pytest.approx([1e-3 * e for e in expected], abs=1e-12)
+    warnings = [r.getMessage() for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
+    assert len(warnings) == (1 if warning else 0), warnings
+    assert all(warning in w and "\n" not in w for w in warnings)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--learning_rate", "nan"), ("--learning_rate", "0"), ("--learning_rate", "-0.5"), ("--learning_rate", "inf"),
+    ("--checkpointing_steps", "0"), ("--checkpoints_total_limit", "0"), ("--validation_steps", "0"),
+    ("--num_validation_images", "0"), ("--validation_inference_steps", "0"), ("--lr_warmup_steps", "-5"),
+    ("--adam_beta1", "1.0"), ("--adam_beta2", "nan"), ("--adam_weight_decay", "-0.1"), ("--adam_epsilon", "0"),
+    ("--max_grad_norm", "0"), ("--max_grad_norm", "inf"), ("--ema_decay", "1.5"), ("--ema_decay", "0"),
+    ("--masked_loss_weight", "-1"), ("--masked_loss_weight", "nan"), ("--seed", "-1"), ("--seed", str(2**32)),
+    ("--shuffle_buffer", "-1"), ("--crops_coords_top_left_h", "-1"), ("--lr_scheduler", "cosine_annealing"),
+])
+def test_numeric_options_are_checked_before_anything_loads(golden, data, tmp_path, monkeypatch, capsys,
+                                                           option, value):
+    import brushnet.training.loop as loop
+
+    def loading(cfg):
+        raise AssertionError("the models loaded before the options were checked")
+
+    monkeypatch.setattr(loop, "load_base_components", loading)
+    code = main(["train", "--pretrained_model_name_or_path", str(golden("sd15_tiny_pipeline").dir),
+                 "--train_data_dir", str(data), "--output_dir", str(tmp_path / "run"), "--resolution", "16",
+                 "--report_to", "none", "--use_ema", f"{option}={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("brushnet: error:") == 1 and "Traceback" not in err, err
+    assert option in err and value in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, value", [("train_batch_size", 2.5), ("max_train_steps", True),
+                                         ("resolution", 520.0), ("learning_rate", "1e-5")])
+def test_python_options_of_the_wrong_type_are_refused(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f"--{name} must be a"):
+        train(TrainConfig(**{"pretrained_model_name_or_path": "m", "train_data_dir": str(tmp_path),
+                             "output_dir": str(tmp_path / "run"), name: value}))
+
+
+def test_processes_that_accelerate_cannot_join_are_refused(golden, data, tmp_path, monkeypatch):
+    # torchrun on a machine without a GPU: each process would train alone, all into the same folder.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(ValueError, match="Launched as 2 processes.*ACCELERATE_USE_CPU=1"):
+        train(config(golden, data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -182,7 +182,7 @@ def stage_brushnet(out: Path, args, device):
     train(TrainConfig(
         pretrained_model_name_or_path=str(out / "base"), train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
-        learning_rate=args.brushnet_lr, lr_warmup_steps=100, checkpointing_steps=max(min(steps // 10, 100), 1),
+        learning_rate=args.brushnet_lr, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
     ))
     print(f"brushnet: done at step {steps}", flush=True)

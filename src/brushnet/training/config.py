@@ -2,6 +2,7 @@
 run unchanged (`--learning_rate` and `--learning-rate` both work); new options have clear names."""
 
 import argparse
+import math
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -28,7 +29,7 @@ class TrainConfig:
     learning_rate: float = 1e-5
     scale_lr: bool = False
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
+    lr_warmup_steps: int | None = None  # None: 500, as in the reference, for the schedulers that warm up
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -66,7 +67,12 @@ _HELP = {
     "brushnet_model_name_or_path": "BrushNet to continue from (default: initialised from the base UNet)",
     "train_data_dir": "BrushData *.tar shards, or a folder of images with same-stem .txt captions",
     "random_mask": "train with random brush masks instead of the segmentation masks",
-    "resume_from_checkpoint": "a checkpoint-N folder, or 'latest' (also --resume)",
+    "resume_from_checkpoint": "a checkpoint-N folder (a path, or a name in --output_dir), or 'latest': the "
+                              "newest complete one (also --resume)",
+    "lr_scheduler": "constant (the default: no warm-up, as the reference runs), constant_with_warmup, linear, "
+                    "cosine, cosine_with_restarts or polynomial",
+    "lr_warmup_steps": "linear warm-up from 0 over this many steps (default 500) for every --lr_scheduler "
+                       "but constant",
     "masked_loss_weight": "weight of the hole's pixels in the loss (1 = plain MSE as in the paper)",
     "report_to": "tensorboard, wandb, all or none",
     "validation_image": "images to inpaint at every validation (with --validation_mask and --validation_prompt)",
@@ -95,6 +101,86 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
         else:
             parser.add_argument(*names, type=_value_type(f.type), default=f.default, **kwargs)
     return parser
+
+
+# The schedulers of diffusers' get_scheduler that the options can configure; piecewise_constant
+# needs step rules that no option gives.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+DEFAULT_WARMUP_STEPS = 500
+
+# Whole-number options: (lowest, highest or None); the optional ones may also be None.
+_WHOLE = {
+    "resolution": (8, None), "dataloader_num_workers": (0, None), "shuffle_buffer": (0, None),
+    "train_batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_train_steps": (1, None),
+    "lr_warmup_steps": (0, None), "seed": (0, 2**32 - 1),  # numpy's seeds are 32-bit
+    "crops_coords_top_left_h": (0, None), "crops_coords_top_left_w": (0, None),
+    "checkpointing_steps": (1, None), "checkpoints_total_limit": (1, None), "validation_steps": (1, None),
+    "num_validation_images": (1, None), "validation_inference_steps": (1, None),
+}
+_OPTIONAL = {"lr_warmup_steps", "seed", "checkpoints_total_limit"}
+# Real-valued options: (low, high, low included, high included); every one must also be finite.
+_REAL = {
+    "learning_rate": (0, math.inf, False, False), "proportion_empty_prompts": (0, 1, True, True),
+    "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False),
+    "adam_weight_decay": (0, math.inf, True, False), "adam_epsilon": (0, math.inf, False, False),
+    "max_grad_norm": (0, math.inf, False, False), "ema_decay": (0, 1, False, False),
+    "masked_loss_weight": (0, math.inf, True, False),
+}
+
+
+def check_options(config: TrainConfig) -> None:
+    """Every numeric option in its range and the scheduler known, in one line naming the option.
+
+    Checked before anything loads: a NaN learning rate or a zero interval would otherwise surface
+    as a NaN loss, a ZeroDivisionError or a traceback only after the models load, or thousands of
+    steps later at the first checkpoint or validation.
+    """
+    for name, (low, high) in _WHOLE.items():
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or value < low or (high is not None and value > high):
+            expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"--{name} must be a whole number {expected}; got {value!r}.")
+    for name, (low, high, low_in, high_in) in _REAL.items():
+        value = getattr(config, name)
+        real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (real and (low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+            if high == math.inf:
+                expected = f"{'>=' if low_in else '>'} {low}"
+            else:
+                expected = f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ValueError(f"--{name} must be a finite number {expected}; got {value!r}.")
+    if config.resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8 (the VAE and UNet downsample by 8); "
+                         f"got {config.resolution}.")
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {config.lr_scheduler!r}.")
+    if config.lr_scheduler == "polynomial" and config.learning_rate <= 1e-7:
+        raise ValueError("--lr_scheduler polynomial decays to 1e-7: give a --learning_rate above it; "
+                         f"got {config.learning_rate}.")
+
+
+def warmup_steps(config: TrainConfig) -> tuple[int, str | None]:
+    """The warm-up the scheduler will do, and a one-line warning when the options ask for one it ignores
+    or for one that never ends.
+
+    The reference's defaults (constant, 500 warm-up steps) warm up nothing: diffusers' constant
+    schedule has no warm-up. They are kept, so its commands train as they did; asking for warm-up
+    steps explicitly with that schedule is what gets the warning.
+    """
+    if config.lr_scheduler == "constant":
+        if config.lr_warmup_steps:
+            return 0, (f"--lr_warmup_steps {config.lr_warmup_steps} has no effect with --lr_scheduler constant: "
+                       "the learning rate is constant from step 1 (use --lr_scheduler constant_with_warmup "
+                       "to warm up).")
+        return 0, None
+    steps = DEFAULT_WARMUP_STEPS if config.lr_warmup_steps is None else config.lr_warmup_steps
+    if steps >= config.max_train_steps:
+        return steps, (f"--lr_warmup_steps {steps} is not below --max_train_steps {config.max_train_steps}: the "
+                       f"learning rate never reaches --learning_rate {config.learning_rate}.")
+    return steps, None
 
 
 def parse_train_args(argv=None) -> TrainConfig:

@@ -2,12 +2,14 @@
 
 The recipe is the authors': a frozen SD1.5/SDXL UNet, VAE and text encoder(s); a trainable BrushNet
 (from `BrushNetModel.from_unet`, or a checkpoint); noise at uniform timesteps; MSE against epsilon
-(or v for v-prediction bases); AdamW with gradient clipping; a constant learning rate after a
-warm-up. `accelerate launch` runs it on one or many GPUs; a plain call runs on CPU or one GPU.
+(or v for v-prediction bases); AdamW with gradient clipping; a constant learning rate from step 1
+(the reference's 500 warm-up steps do nothing under its constant schedule; other schedules warm
+up). `accelerate launch` runs it on one or many GPUs; a plain call runs on CPU or one GPU.
 """
 
 import itertools
 import logging
+import os
 import random
 import shutil
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import TrainConfig, check_options, warmup_steps
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +45,21 @@ def train(config: TrainConfig) -> Path:
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # Each process would train alone and all would write the same files.
+        raise ValueError(f"Launched as {launched} processes, but accelerate found no device to run them together; "
+                         "on CPUs set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu).")
     if config.seed is not None:
         set_seed(config.seed)
     seed = config.seed if config.seed is not None else random.randrange(2**31)
+    num_warmup_steps, warning = warmup_steps(config)
+    if warning and accelerator.is_main_process:
+        logger.warning(warning)
+    checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, ema=config.use_ema,
+                                 report=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        remove_interrupted_saves(output_dir)
 
     # -- data: each process and worker reads its own share of the shards ----------------------------
     dataset = make_dataset(config, seed=seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -54,8 +68,7 @@ def train(config: TrainConfig) -> Path:
     # Made before a resume restores the RNG state: making it draws from torch's RNG, as it did in
     # the run being resumed.
     batches = iter(loader)
-    # The first batch now, so data without one usable sample fails before any model loads.
-    batches = itertools.chain([next(batches)], batches)
+    batches = itertools.chain([first_batch(batches, config)], batches)
 
     # -- models: frozen base, trainable branch -----------------------------------------------------
     base = load_base_components(config)
@@ -91,7 +104,7 @@ def train(config: TrainConfig) -> Path:
     optimizer = make_optimizer(brushnet.parameters(), config, learning_rate)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_warmup_steps=num_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
     brushnet, optimizer, lr_scheduler = accelerator.prepare(brushnet, optimizer, lr_scheduler)
@@ -105,15 +118,18 @@ def train(config: TrainConfig) -> Path:
 
     # -- resume: weights, optimiser, lr schedule, RNG states, then the data fast-forwarded ----------
     global_step = 0
-    checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
         accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[1])
-        # The data streams keep no state in the checkpoint: replaying the batches already used
-        # puts them where an uninterrupted run would be, so the run continues the same trajectory.
-        for _ in range(global_step * config.gradient_accumulation_steps):
-            next(batches)
+        global_step = _step(checkpoint)
+        if global_step >= config.max_train_steps:
+            logger.warning("%s is at step %d, not before --max_train_steps %d: nothing to train; its BrushNet "
+                           "is written to %s.", checkpoint, global_step, config.max_train_steps, output_dir)
+        else:
+            # The data streams keep no state in the checkpoint: replaying the batches already used
+            # puts them where an uninterrupted run would be, so the run continues the same trajectory.
+            for _ in range(global_step * config.gradient_accumulation_steps):
+                next(batches)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, config={
@@ -162,6 +178,7 @@ def train(config: TrainConfig) -> Path:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(brushnet.parameters(), config.max_grad_norm)
+            step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step uses; step() moves to the next one
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=config.set_grads_to_none)
@@ -173,7 +190,7 @@ def train(config: TrainConfig) -> Path:
         if ema is not None:
             ema.step(accelerator.unwrap_model(brushnet).parameters())
         rate = steps_this_run * samples_per_step / (time.perf_counter() - started)
-        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate}
+        logs = {"loss": loss.detach().item(), "lr": step_lr, "samples_per_s": rate}
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", samples_s=f"{rate:.2f}")
         accelerator.log(logs, step=global_step)
@@ -211,16 +228,41 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError("Give as many --validation_image as --validation_mask and --validation_prompt.")
     if config.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision must be no, fp16 or bf16; got {config.mixed_precision}.")
-    if config.max_train_steps < 1 or config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
-        raise ValueError("--max_train_steps, --train_batch_size and --gradient_accumulation_steps must be >= 1.")
-    if config.resolution < 8 or config.resolution % 8:
-        raise ValueError(f"--resolution must be a multiple of 8 (the VAE and UNet downsample by 8); "
-                         f"got {config.resolution}.")
+    check_options(config)
     output_dir = Path(config.output_dir)
+    # The first save would otherwise fail only after the models load and the first steps train.
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir {output_dir}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {output_dir}: {existing} is not writable.")
+    _check_validation_files(config)
     if not config.resume_from_checkpoint and (
             _checkpoints(output_dir) or (output_dir / "diffusion_pytorch_model.safetensors").exists()):
         raise ValueError(f"{output_dir} already holds another run's checkpoints or BrushNet: pass "
                          "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
+
+
+def _check_validation_files(config: TrainConfig) -> None:
+    """Open the validation images and masks now, not at the first validation thousands of steps in."""
+    from ..masks import load_mask, open_image
+
+    for image, mask in zip(config.validation_image, config.validation_mask):
+        open_image(image)
+        load_mask(mask)
+
+
+def first_batch(batches, config: TrainConfig):
+    """The first batch now, so data without one usable sample fails before any model loads."""
+    try:
+        return next(batches)
+    except StopIteration:
+        raise ValueError(f"--train_data_dir {config.train_data_dir} gave no training sample.") from None
+    except ValueError as error:
+        # A DataLoader worker's error comes wrapped in the worker's traceback; its last line is the message.
+        if "Original Traceback" not in str(error):
+            raise
+        raise ValueError(str(error).strip().splitlines()[-1].removeprefix("ValueError: ")) from None
 
 
 class TextConditioning:
@@ -320,43 +362,125 @@ def diffusion_loss(model_pred, target, keep, masked_loss_weight: float) -> torch
     return ((model_pred.float() - target.float()) ** 2 * weights).sum() / (weights.sum() * model_pred.shape[1])
 
 
-def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+# A checkpoint is written as checkpoint-N.partial and renamed when complete; one being pruned is
+# renamed checkpoint-N.stale before it is deleted. So a checkpoint-N folder is whole, and an
+# interruption leaves at most these two kinds of leftovers, never a half-written or half-deleted one.
+PARTIAL, STALE = ".partial", ".stale"
+
+
+def find_checkpoint(output_dir: Path, resume: str | None, ema: bool = False, report: bool = True) -> Path | None:
+    """The checkpoint folder to resume from: `resume` itself, or the newest complete one for "latest"."""
+    checkpoint = _find_checkpoint(output_dir, resume, report)
+    # The EMA state is written before brushnet/, so a folder without it was saved without EMA, not cut short.
+    if ema and checkpoint is not None and not (checkpoint / "custom_checkpoint_0.pkl").is_file():
+        raise ValueError(f"{checkpoint} was saved without --use_ema (it holds no EMA weights): resume it "
+                         "without --use_ema, or start a new run in another --output_dir.")
+    return checkpoint
+
+
+def _find_checkpoint(output_dir: Path, resume: str | None, report: bool) -> Path | None:
     if not resume:
         return None
     if resume != "latest":
-        path = Path(resume)
-        if not path.is_dir():
-            raise ValueError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+        # As in the reference, a bare checkpoint-N names a folder of --output_dir.
+        path = next((p for p in (Path(resume), output_dir / resume) if p.is_dir()), None)
+        if path is None:
+            raise ValueError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (nor is "
+                             f"{output_dir / resume}).")
+        if _step(path) is None:
+            raise ValueError(f"--resume_from_checkpoint {resume}: a checkpoint folder is named checkpoint-N, "
+                             "N being the step it was saved at.")
+        missing = _missing_state(path)
+        if missing:
+            raise ValueError(f"--resume_from_checkpoint {resume} is incomplete ({missing}); pass "
+                             "--resume_from_checkpoint latest to resume from the newest complete checkpoint.")
         return path
-    checkpoints = _checkpoints(output_dir)
-    if not checkpoints:
+    for candidate in reversed(_checkpoints(output_dir)):
+        missing = _missing_state(candidate)
+        if not missing:
+            return candidate
+        if report:
+            logger.warning("Skipping %s: incomplete (%s).", candidate, missing)
+    if report:
         logger.warning("No checkpoint in %s to resume from: starting a new run.", output_dir)
-        return None
-    return checkpoints[-1]
+    return None
+
+
+def _step(path: Path) -> int | None:
+    prefix, _, number = path.name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _step(p) is not None]
+    return sorted(found, key=_step)
+
+
+def _missing_state(checkpoint: Path) -> str | None:
+    """What a checkpoint folder lacks to resume from (None: nothing), in the words of a log line.
+
+    Folders written by `save_checkpoint` are complete by construction; this catches those made
+    otherwise (an earlier version, a copy cut short). The names cover accelerate's plain, FSDP and
+    DeepSpeed layouts (DeepSpeed keeps weights and optimiser in one pytorch_model/ folder).
+    """
+    if not (checkpoint / "random_states_0.pkl").is_file():
+        return "no random_states_0.pkl"
+    if not any(checkpoint.glob("model*.safetensors")) and not any(checkpoint.glob("pytorch_model*")):
+        return "no model weights"
+    if not any(checkpoint.glob("optimizer*")) and not (checkpoint / "pytorch_model").is_dir():
+        return "no optimizer state"
+    if not (checkpoint / "brushnet" / "diffusion_pytorch_model.safetensors").is_file():
+        return "no brushnet/diffusion_pytorch_model.safetensors"
+    return None
+
+
+def remove_interrupted_saves(output_dir: Path) -> None:
+    """Delete the leftovers of a save or prune that was interrupted; checkpoint-N folders stay."""
+    for leftover in (*output_dir.glob(f"checkpoint-*{PARTIAL}"), *output_dir.glob(f"checkpoint-*{STALE}")):
+        if leftover.is_dir():
+            logger.warning("Removing %s, left by an interrupted checkpoint save.", leftover)
+            shutil.rmtree(leftover)
+
+
+def _discard(checkpoint: Path) -> None:
+    stale = checkpoint.with_name(checkpoint.name + STALE)
+    if stale.exists():
+        shutil.rmtree(stale)
+    checkpoint.rename(stale)
+    shutil.rmtree(stale)
 
 
 def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, keep_last: int | None) -> None:
-    """The full accelerate state (to resume) plus a `brushnet/` folder that `from_pretrained` loads."""
-    if accelerator.is_main_process and keep_last is not None:
-        old = _checkpoints(output_dir)
-        for stale in old[: max(0, len(old) - keep_last + 1)]:
-            shutil.rmtree(stale)
+    """The full accelerate state (to resume) plus a `brushnet/` folder that `from_pretrained` loads.
+
+    Written as checkpoint-N.partial and renamed when every process has written its part; older
+    checkpoints are pruned only after that, so an interruption never costs the previous one.
+    """
     path = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
+    partial = path.with_name(path.name + PARTIAL)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()  # nobody writes into the folder before it is cleared
+    accelerator.save_state(str(partial))  # each process writes its own random states into it
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(brushnet)
         if ema is not None:  # the folder holds the EMA weights, the state keeps both
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
-            model.save_pretrained(path / "brushnet")
+            model.save_pretrained(partial / "brushnet")
             ema.restore(model.parameters())
         else:
-            model.save_pretrained(path / "brushnet")
+            model.save_pretrained(partial / "brushnet")
+    accelerator.wait_for_everyone()  # every process's files are in before the folder counts as complete
+    if not accelerator.is_main_process:
+        return
+    if path.exists():  # resumed from an earlier checkpoint: this step's old one is superseded
+        _discard(path)
+    partial.rename(path)
+    if keep_last is not None:
+        older = [p for p in _checkpoints(output_dir) if p != path]
+        for stale in older[: max(0, len(older) - keep_last + 1)]:
+            _discard(stale)
 
 
 def run_validation(accelerator, brushnet, ema, base: dict, noise_scheduler, config: TrainConfig, step: int,
