@@ -53,6 +53,28 @@ class GoldenCase:
         return error
 
 
+    def check_residuals(self, prefix: str, residuals, first, rel: float):
+        """Check one model run's (down, mid, up) residuals: every residual of the first run, and for
+        later runs the multiplier each carries relative to the first. Returns the first run's."""
+        down, mid, up = residuals
+        assert (len(down), len(up)) == (self.case["n_down_residuals"], self.case["n_up_residuals"])
+        if first is None:
+            first = residuals
+            for i, r in enumerate(down):
+                self.check(f"{prefix}.down_res.{i}", r, rel)
+            for i, r in enumerate(up):
+                self.check(f"{prefix}.up_res.{i}", r, rel)
+        else:
+            # Each residual relative to the first run carries exactly the run's multiplier.
+            ratios = torch.tensor([
+                (r.double() * f.double()).sum() / f.double().square().sum()
+                for r, f in zip([*down, mid, *up], [*first[0], first[1], *first[2]])
+            ])
+            self.check(f"{prefix}.residual_multipliers", ratios, rel)
+        self.check(f"{prefix}.mid_res", mid, rel)
+        return first
+
+
 @pytest.fixture(scope="session")
 def golden():
     cache = {}

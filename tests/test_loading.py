@@ -231,30 +231,32 @@ def test_folder_with_only_bin_weights_needs_allow_pickle(golden, tmp_path):
     _assert_state_dicts_equal(loaded.state_dict(), _golden_state_dict(golden, "sd15"))
 
 
-def test_powerpaint_weights_are_refused(golden, tmp_path):
+def test_incomplete_powerpaint_weights_are_refused(golden, tmp_path):
+    # BrushNet weights plus a few attention keys: a PowerPaint layout whose weights do not fit it.
     state_dict = _golden_state_dict(golden, "sd15")
     state_dict["down_blocks.0.attentions.0.proj_in.weight"] = torch.zeros(8, 8, 1, 1)
     state_dict["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(8, 32)
     path = tmp_path / "powerpaint_brushnet.safetensors"
     save_file(state_dict, str(path))
+    config = brushnet_config_from_state_dict(state_dict, norm_num_groups=4)
+    assert config["down_block_types"][0] == "CrossAttnDownBlock2D" and config["cross_attention_dim"] == 32
     with pytest.raises(ModelLoadError) as error:
         load_brushnet(path)
     _assert_one_line(error, "PowerPaint")
-    with pytest.raises(ModelLoadError, match="PowerPaint"):
-        brushnet_config_from_state_dict(state_dict)
-    # Also with a base of the other family: the PowerPaint refusal says more than a mismatch would.
-    with pytest.raises(ModelLoadError, match="PowerPaint"):
+    # With an SDXL base the family is the problem, said before anything loads.
+    with pytest.raises(ModelLoadError) as error:
         load_pipeline(golden(PIPELINES["sdxl"]).dir, path)
+    _assert_one_line(error, "PowerPaint", "SD1.5")
 
 
-def test_powerpaint_config_is_refused(golden, tmp_path):
+def test_powerpaint_config_with_brushnet_weights_is_refused(golden, tmp_path):
     config = json.loads((_brushnet_dir(golden, "sd15") / "config.json").read_text())
     config["down_block_types"] = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     shutil.copy(_brushnet_dir(golden, "sd15") / "diffusion_pytorch_model.safetensors", tmp_path)
     with pytest.raises(ModelLoadError) as error:
         load_brushnet(tmp_path)
-    _assert_one_line(error, "PowerPaint")
+    _assert_one_line(error, str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["missing_folder", "missing.safetensors"])

@@ -15,6 +15,7 @@ _EXPORTS = {
     "unet_forward": ".models",
     "StableDiffusionBrushNetPipeline": ".pipelines",
     "StableDiffusionXLBrushNetPipeline": ".pipelines",
+    "StableDiffusionPowerPaintPipeline": ".pipelines",
     "blend": ".pipelines",
     "load_brushnet": ".loading",
     "load_pipeline": ".loading",

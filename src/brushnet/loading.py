@@ -11,6 +11,12 @@ a model gives the same checks and the same one-line `ModelLoadError`s:
 Everything that can be decided from configs and tensor shapes (family, PowerPaint, inpainting
 base) is decided before any weights are read, so a wrong combination fails in well under a second
 instead of after loading gigabytes.
+
+A PowerPaint v2 branch (a BrushNet with cross-attention) loads as a `BrushNetModel` too, and with a
+base model as a `StableDiffusionPowerPaintPipeline`, together with its branch text encoder: the
+released `PowerPaint_Brushnet/pytorch_model.bin` (read with `torch.load(weights_only=True)`, which
+cannot run code) or a `text_encoder_brushnet.safetensors` beside it, or IOPaint's
+`text_encoder_brushnet/` and `tokenizer/` folders.
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .models import BrushNetModel
-from .pipelines import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
+from .models import task_prompts
+from .pipelines import (
+    StableDiffusionBrushNetPipeline,
+    StableDiffusionPowerPaintPipeline,
+    StableDiffusionXLBrushNetPipeline,
+)
+from .models.compatibility import mismatch_message
 from .pipelines.base import check_brushnet_matches_unet
 
 logger = logging.getLogger(__name__)
@@ -318,30 +330,128 @@ def _describe(source) -> str:
 
 # -- PowerPaint -------------------------------------------------------------------------------
 
-
-def _powerpaint_error(source) -> ModelLoadError:
-    return ModelLoadError(
-        f"{source} is a PowerPaint checkpoint (a BrushNet with cross-attention layers), which this package does not "
-        "support: use a BrushNet checkpoint such as segmentation_mask_brushnet_ckpt or random_mask_brushnet_ckpt."
-    )
+# File names of the branch text encoder: the release's pickle, our safetensors copy, IOPaint's folder.
+POWERPAINT_TEXT_ENCODER_BIN = "pytorch_model.bin"
+POWERPAINT_TEXT_ENCODER_SAFETENSORS = "text_encoder_brushnet.safetensors"
+POWERPAINT_BRANCH_FOLDER = "PowerPaint_Brushnet"
+IOPAINT_TEXT_ENCODER_FOLDER = "text_encoder_brushnet"
 
 
 def _check_brushnet_keys(keys, source) -> None:
-    """Refuse weights that are not a BrushNet, then a PowerPaint BrushNet (which has attention layers)."""
+    """Refuse weights that are not a BrushNet (or PowerPaint branch)."""
     if "conv_in_condition.weight" not in keys:
         hint = " (it looks like a UNet)" if "conv_in.weight" in keys else ""
         raise ModelLoadError(
             f"{source} is not a BrushNet{hint}: it has no conv_in_condition.weight; pass a BrushNet checkpoint."
         )
-    if any(_ATTENTION_KEY.match(key) for key in keys):
-        raise _powerpaint_error(source)
 
 
-def _check_not_powerpaint_config(config: Mapping, source) -> None:
+def _is_powerpaint_config(config: Mapping) -> bool:
     block_types = [*(config.get("down_block_types") or ()), config.get("mid_block_type") or "",
                    *(config.get("up_block_types") or ())]
-    if any("CrossAttn" in str(block_type) for block_type in block_types):
-        raise _powerpaint_error(source)
+    return any("CrossAttn" in str(block_type) for block_type in block_types)
+
+
+def _is_powerpaint_shapes(shapes: Mapping) -> bool:
+    return any(_ATTENTION_KEY.match(key) for key in shapes)
+
+
+def is_powerpaint(brushnet) -> bool:
+    """True when a BrushNet source (model, folder or `.safetensors` file) is a PowerPaint branch, read
+    from its config or safetensors header; anything else (a pickle, a hub id) counts as not PowerPaint."""
+    if isinstance(brushnet, BrushNetModel):
+        return brushnet.has_attention
+    path = Path(brushnet)
+    if path.is_dir():
+        config_file = _brushnet_folder(path) / "config.json"
+        return config_file.is_file() and _is_powerpaint_config(_read_json(config_file))
+    if path.is_file() and path.suffix == SAFETENSORS_SUFFIX:
+        return _is_powerpaint_shapes(_read_safetensors_shapes(path))
+    return False
+
+
+@dataclass
+class _TextEncoderSource:
+    weights: Path | None = None  # the released state dict (.bin) or its .safetensors copy
+    folder: Path | None = None  # IOPaint: a CLIPTextModel folder with the task tokens in its table
+    tokenizer: Path | None = None  # IOPaint: the tokenizer that goes with it
+
+
+def _find_branch_text_encoder(brushnet, text_encoder_brushnet=None) -> _TextEncoderSource:
+    """Where the branch text encoder of a PowerPaint source is, before anything loads.
+
+    Looked for beside the branch weights (`text_encoder_brushnet.safetensors`, then the released
+    `pytorch_model.bin`) and, for IOPaint's layout, in `text_encoder_brushnet/` (+ `tokenizer/`)
+    next to `PowerPaint_Brushnet/`. `text_encoder_brushnet` names it explicitly (file or folder).
+    """
+    if text_encoder_brushnet is not None:
+        path = Path(text_encoder_brushnet)
+        if path.is_dir():
+            return _TextEncoderSource(folder=path)
+        if path.is_file():
+            return _TextEncoderSource(weights=path)
+        raise _missing_path_error(path, "Branch text encoder")
+    if isinstance(brushnet, BrushNetModel):
+        raise ModelLoadError(
+            "A loaded PowerPaint BrushNetModel comes without its branch text encoder: pass "
+            f"text_encoder_brushnet=<its {POWERPAINT_TEXT_ENCODER_BIN} or {POWERPAINT_TEXT_ENCODER_SAFETENSORS}>, or "
+            "the PowerPaint folder instead of the model."
+        )
+    path = Path(brushnet)
+    branch_dir = _brushnet_folder(path) if path.is_dir() else path.parent
+    root = branch_dir.parent if branch_dir.name == POWERPAINT_BRANCH_FOLDER else branch_dir
+    for name in (POWERPAINT_TEXT_ENCODER_SAFETENSORS, POWERPAINT_TEXT_ENCODER_BIN):
+        if (branch_dir / name).is_file():
+            return _TextEncoderSource(weights=branch_dir / name)
+    folder = root / IOPAINT_TEXT_ENCODER_FOLDER
+    if (folder / "config.json").is_file():
+        tokenizer = root / "tokenizer"
+        return _TextEncoderSource(folder=folder, tokenizer=tokenizer if tokenizer.is_dir() else None)
+    raise ModelLoadError(
+        f"PowerPaint branch {brushnet} has no branch text encoder: put its {POWERPAINT_TEXT_ENCODER_BIN} (from the "
+        f"same release) or {POWERPAINT_TEXT_ENCODER_SAFETENSORS} in {branch_dir}, or pass text_encoder_brushnet=..."
+    )
+
+
+def _read_text_encoder_state(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.suffix == SAFETENSORS_SUFFIX:
+        _read_safetensors_shapes(path)  # a readable header, or one clear error
+        return load_file(str(path))
+    try:
+        # weights_only cannot run code: a plain state dict (what PowerPaint released) needs no consent.
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path} holds more than tensors, and loading it can run arbitrary code: convert it to .safetensors, "
+                "or pass allow_pickle=True (--allow-pickle) if you trust where it came from."
+            ) from None
+        return _load_pickle_state_dict(path, allow_pickle)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ModelLoadError(f"Could not read {path} ({_first_line(e)}): check the file.") from e
+    if not isinstance(loaded, Mapping) or not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ModelLoadError(f"{path} does not hold a state dict: pass the branch text encoder's weights file.")
+    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+def write_text_encoder_safetensors(source, *, allow_pickle: bool = False) -> Path:
+    """Write `text_encoder_brushnet.safetensors` beside a PowerPaint release's `pytorch_model.bin`
+    (same tensors, same names), which loads without unpickling from then on. Returns its path."""
+    path = Path(source)
+    if path.is_dir():
+        path = _brushnet_folder(path) / POWERPAINT_TEXT_ENCODER_BIN
+    if not path.is_file():
+        raise _missing_path_error(path, "PowerPaint text encoder")
+    from safetensors.torch import save_file
+
+    state = _read_text_encoder_state(path, allow_pickle)
+    try:
+        task_prompts.unwrap_state_dict(state)  # refuses files that are not a branch text encoder
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {_first_line(e)}") from e
+    target = path.with_name(POWERPAINT_TEXT_ENCODER_SAFETENSORS)
+    save_file({key: value.contiguous() for key, value in state.items()}, str(target))
+    return target
 
 
 # -- config from weights --------------------------------------------------------------------------
@@ -372,17 +482,25 @@ def brushnet_config_from_state_dict(state_dict, **overrides) -> dict:
     n_blocks = len(_indices(shapes, "down_blocks."))
     block_out_channels = [_shape(shapes, f"down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(n_blocks)]
     conv_in = _shape(shapes, "conv_in_condition.weight")
+    # PowerPaint keeps attention where the UNet has it; its head count follows the family's config.
+    attends = lambda prefix: any(key.startswith(prefix + ".attentions.") for key in shapes)  # noqa: E731
     config.update(
         in_channels=config["in_channels"],
         # The input is [noisy latent (in_channels), masked latent + mask]: the split is by convention.
         conditioning_channels=conv_in[1] - config["in_channels"],
-        down_block_types=["DownBlock2D"] * n_blocks,
-        up_block_types=["UpBlock2D"] * n_blocks,
+        down_block_types=["CrossAttnDownBlock2D" if attends(f"down_blocks.{i}") else "DownBlock2D"
+                          for i in range(n_blocks)],
+        up_block_types=["CrossAttnUpBlock2D" if attends(f"up_blocks.{i}") else "UpBlock2D" for i in range(n_blocks)],
         block_out_channels=block_out_channels,
         layers_per_block=len(_indices(shapes, "down_blocks.0.resnets.")),
         # from_unet's "MidBlock2D" has two resnets; "UNetMidBlock2D" (the reference default) one.
         mid_block_type="MidBlock2D" if "mid_block.resnets.1.conv1.weight" in shapes else "UNetMidBlock2D",
     )
+    if attends("mid_block"):
+        config["mid_block_type"] = "UNetMidBlock2DCrossAttn"
+    to_k = next((shape for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")), None)
+    if to_k is not None:
+        config["cross_attention_dim"] = to_k[1]
     if family == SDXL:
         add_input_dim = _shape(shapes, "add_embedding.linear_1.weight")[1]
         config["projection_class_embeddings_input_dim"] = add_input_dim
@@ -393,8 +511,9 @@ def brushnet_config_from_state_dict(state_dict, **overrides) -> dict:
                 "config.json beside the file, or pass addition_time_embed_dim=..."
             )
     if any(width % DEFAULT_NORM_NUM_GROUPS for width in block_out_channels) and "norm_num_groups" not in overrides:
+        what = "PowerPaint branch" if _is_powerpaint_shapes(shapes) else "BrushNet"
         raise ModelLoadError(
-            f"BrushNet block widths {block_out_channels} are not multiples of {DEFAULT_NORM_NUM_GROUPS}, so its "
+            f"{what} block widths {block_out_channels} are not multiples of {DEFAULT_NORM_NUM_GROUPS}, so its "
             "GroupNorm group count cannot be inferred: put its config.json beside the file, or pass norm_num_groups=..."
         )
     config.update(overrides)
@@ -409,7 +528,6 @@ def _shape(shapes: Mapping[str, tuple], key: str) -> tuple:
 
 def _empty_brushnet(config: Mapping, source) -> BrushNetModel:
     """A BrushNet with the config's architecture on the meta device: no memory, no random init."""
-    _check_not_powerpaint_config(config, source)
     try:
         with torch.device("meta"):
             return BrushNetModel.from_config(dict(config))
@@ -433,9 +551,10 @@ def _check_weights_fit(model: BrushNetModel, shapes: Mapping[str, tuple], source
         if wrong:
             key = wrong[0]
             problems.append(f"{len(wrong)} shape mismatches such as {key} {shapes[key]} vs {expected[key]}")
+        what = "PowerPaint checkpoint" if _is_powerpaint_shapes(shapes) else "BrushNet checkpoint"
         raise ModelLoadError(
             f"The weights in {source} do not fit {config_origin} ({'; '.join(problems)}): use the config that "
-            "came with the weights, or a complete BrushNet checkpoint."
+            f"came with the weights, or a complete {what}."
         )
 
 
@@ -455,9 +574,10 @@ def load_brushnet(source: str | os.PathLike, *, torch_dtype=None, allow_pickle=F
     - Anything else that looks like `org/name` is fetched from the hub (`hub_kwargs`: revision,
       subfolder, variant, cache_dir, token, local_files_only, ...).
 
-    The weights keep their values; they are cast to `torch_dtype` (default float32, as diffusers).
-    PowerPaint checkpoints, pickles without consent, missing paths and an unreachable hub raise
-    `ModelLoadError`.
+    A PowerPaint v2 branch loads the same way (its folder, `PowerPaint_Brushnet/` or the folder
+    above it); `brushnet.has_attention` tells it apart. The weights keep their values; they are
+    cast to `torch_dtype` (default float32, as diffusers). Pickles without consent, missing paths
+    and an unreachable hub raise `ModelLoadError`.
     """
     if isinstance(source, BrushNetModel):
         return source.to(torch_dtype) if torch_dtype is not None else source
@@ -472,9 +592,12 @@ def load_brushnet(source: str | os.PathLike, *, torch_dtype=None, allow_pickle=F
 
 
 def _brushnet_folder(folder: Path) -> Path:
-    # A full pipeline folder (ours or the reference's) holds the BrushNet in brushnet/.
-    if not (folder / "config.json").is_file() and (folder / "brushnet" / "config.json").is_file():
-        return folder / "brushnet"
+    # A full pipeline folder (ours or the reference's) holds the BrushNet in brushnet/; PowerPaint's
+    # release and IOPaint's copy hold it in PowerPaint_Brushnet/, BrushEdit's repo in brushnetX/.
+    if not (folder / "config.json").is_file():
+        for name in ("brushnet", POWERPAINT_BRANCH_FOLDER, "brushnetX"):
+            if (folder / name / "config.json").is_file():
+                return folder / name
     return folder
 
 
@@ -488,14 +611,16 @@ def _load_brushnet_folder(folder: Path, torch_dtype, allow_pickle: bool, hub_kwa
         )
     config = _read_json(config_file)
     _check_is_brushnet_config(config, folder)
-    _check_not_powerpaint_config(config, folder)
 
     variant = hub_kwargs.get("variant")
     stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     safetensors_files = [folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"]
     pickle_files = [folder / f"{stem}.bin", folder / f"{stem}.bin.index.json"]
     if safetensors_files[0].is_file():
-        _check_brushnet_keys(_read_safetensors_shapes(safetensors_files[0]), folder)
+        shapes = _read_safetensors_shapes(safetensors_files[0])
+        _check_brushnet_keys(shapes, folder)
+        # diffusers would fill missing weights with random values, with only a warning.
+        _check_weights_fit(_empty_brushnet(config, folder), shapes, folder, "its config.json")
     if any(f.is_file() for f in safetensors_files):
         use_safetensors = True
     elif any(f.is_file() for f in pickle_files):
@@ -572,7 +697,6 @@ def _load_brushnet_hub(repo_id: str, torch_dtype, hub_kwargs: dict) -> BrushNetM
     # The config first: it is small, proves the hub is reachable and shows a PowerPaint model.
     config = _read_json(Path(_hub_file(repo_id, "config.json", "BrushNet", hub_kwargs)))
     _check_is_brushnet_config(config, repo_id)
-    _check_not_powerpaint_config(config, repo_id)
     try:
         return BrushNetModel.from_pretrained(repo_id, **hub_kwargs, **_dtype_kwargs(torch_dtype))
     except (OSError, ValueError, RuntimeError) as e:
@@ -585,7 +709,7 @@ def _peek_brushnet_family(source) -> str | None:
     """The family of a BrushNet source from its config or safetensors header, or None if that needs loading."""
     if isinstance(source, BrushNetModel):
         return detect_brushnet_family(source.config)
-    # Refusals (not a BrushNet, PowerPaint) come first: they explain more than a family mismatch.
+    # Refusals (not a BrushNet) come first: they explain more than a family mismatch.
     path = Path(source)
     if path.is_dir():
         config_file = _brushnet_folder(path) / "config.json"
@@ -593,12 +717,31 @@ def _peek_brushnet_family(source) -> str | None:
             return None
         config = _read_json(config_file)
         _check_is_brushnet_config(config, path)
-        _check_not_powerpaint_config(config, path)
         return _family_from_config(config)
     if path.is_file() and path.suffix == SAFETENSORS_SUFFIX:
         shapes = _read_safetensors_shapes(path)
         _check_brushnet_keys(shapes, path)
         return _family_from_shapes(shapes)
+    return None
+
+
+def _peek_brushnet_config(source) -> dict | None:
+    """A BrushNet's config without reading its weights (its config.json, or derived from a
+    safetensors header), or None when that cannot be had cheaply."""
+    if isinstance(source, BrushNetModel):
+        return dict(source.config)
+    path = Path(source)
+    if path.is_dir():
+        config_file = _brushnet_folder(path) / "config.json"
+        return _read_json(config_file) if config_file.is_file() else None
+    if path.is_file() and path.suffix == SAFETENSORS_SUFFIX:
+        config = _config_beside(path)
+        if config is None:
+            try:
+                config = brushnet_config_from_state_dict(_read_safetensors_shapes(path))
+            except ModelLoadError:
+                return None  # loading says what is missing
+        return config
     return None
 
 
@@ -610,6 +753,9 @@ class _BaseInfo:
     family: str
     unet_in_channels: int | None
     single_file: bool
+    # The UNet's config where the base has one (a diffusers folder or hub id); for a single file,
+    # only what its keys show.
+    unet_config: dict | None = None
 
 
 def detect_base_family(source, *, allow_pickle: bool = False, **hub_kwargs) -> str:
@@ -649,7 +795,8 @@ def _base_info_from_configs(index: Mapping, unet_config: Mapping) -> _BaseInfo:
     text_encoder_2 = index.get("text_encoder_2")
     has_text_encoder_2 = bool(text_encoder_2) and text_encoder_2[0] is not None
     sdxl = unet_config.get("addition_embed_type") == "text_time" or has_text_encoder_2
-    return _BaseInfo(SDXL if sdxl else SD15, unet_config.get("in_channels"), single_file=False)
+    return _BaseInfo(SDXL if sdxl else SD15, unet_config.get("in_channels"), single_file=False,
+                     unet_config=dict(unet_config) or None)
 
 
 def _base_info_from_checkpoint(path: Path, allow_pickle: bool) -> _BaseInfo:
@@ -666,7 +813,8 @@ def _base_info_from_checkpoint(path: Path, allow_pickle: bool) -> _BaseInfo:
             "single-file layout, or a diffusers folder."
         )
     sdxl = any(key.startswith(SDXL_SECOND_TEXT_ENCODER_PREFIX) for key in shapes)
-    return _BaseInfo(SDXL if sdxl else SD15, shapes[LDM_CONV_IN_KEY][1], single_file=True)
+    unet_config = {"in_channels": shapes[LDM_CONV_IN_KEY][1], "addition_embed_type": "text_time" if sdxl else None}
+    return _BaseInfo(SDXL if sdxl else SD15, shapes[LDM_CONV_IN_KEY][1], single_file=True, unet_config=unet_config)
 
 
 def _check_not_inpainting(info: _BaseInfo, source) -> None:
@@ -687,9 +835,19 @@ def check_model_pair(base, brushnet, *, allow_pickle=False, **hub_kwargs) -> _Ba
     Raises `ModelLoadError`."""
     base_info = _inspect_base(base, allow_pickle, hub_kwargs)
     _check_not_inpainting(base_info, base)
+    if base_info.family != SD15 and is_powerpaint(brushnet):
+        raise ModelLoadError(
+            f"{brushnet} is a PowerPaint v2 branch, which exists for SD1.5 only, but base model {base} is "
+            f"{FAMILY_NAMES[base_info.family]}: pass an SD1.5 base (folder or single file)."
+        )
     family = _peek_brushnet_family(brushnet)
     if family is not None:
         _check_families(family, base_info.family, brushnet, base)
+        config = _peek_brushnet_config(brushnet)
+        message = config and base_info.unet_config and mismatch_message(
+            config, base_info.unet_config, f"BrushNet {_describe(brushnet)}", f"base model {base}")
+        if message:
+            raise ModelLoadError(message)
     elif not allow_pickle and not isinstance(brushnet, BrushNetModel) and Path(brushnet).suffix in PICKLE_SUFFIXES:
         _refuse_pickle(Path(brushnet))
     return base_info
@@ -702,9 +860,11 @@ def load_pipeline(
     torch_dtype=None,
     allow_pickle=False,
     base_config: str | None = None,
+    text_encoder_brushnet: str | os.PathLike | None = None,
     **hub_kwargs,
 ):
-    """A `StableDiffusionBrushNetPipeline` or `StableDiffusionXLBrushNetPipeline` for a base model and a BrushNet.
+    """A `StableDiffusionBrushNetPipeline` or `StableDiffusionXLBrushNetPipeline` for a base model and a BrushNet,
+    or a `StableDiffusionPowerPaintPipeline` for an SD1.5 base and a PowerPaint v2 branch.
 
     `base` is a diffusers pipeline folder or hub id, or a single-file checkpoint (original LDM/SGM
     layout, loaded with diffusers' `from_single_file`; offline it needs `base_config`, a local
@@ -716,16 +876,32 @@ def load_pipeline(
     mismatch (SD1.5 BrushNet with an SDXL base or the reverse) and an inpainting (9-channel) base
     raise `ModelLoadError` at once. `hub_kwargs` go to the base model; the BrushNet gets only the
     repo-independent ones (cache_dir, token, local_files_only, force_download, proxies).
+
+    A PowerPaint source is the release's `PowerPaint_Brushnet/` folder (or the folder above it, or
+    IOPaint's copy, or the branch's `.safetensors` file), found as `load_brushnet` finds it; its
+    branch text encoder is looked up beside it (`text_encoder_brushnet.safetensors`, the released
+    `pytorch_model.bin`, or IOPaint's `text_encoder_brushnet/` + `tokenizer/`) unless
+    `text_encoder_brushnet` names the file or folder. Its architecture is the base text encoder's.
     """
     base_info = check_model_pair(base, brushnet, allow_pickle=allow_pickle, **hub_kwargs)
+    if is_powerpaint(brushnet):
+        return _load_powerpaint_pipeline(base, brushnet, base_info, torch_dtype, allow_pickle, base_config,
+                                         text_encoder_brushnet, hub_kwargs)
 
     brushnet_hub_kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
     model = load_brushnet(brushnet, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **brushnet_hub_kwargs)
     family = detect_brushnet_family(model.config)
     _check_families(family, base_info.family, brushnet, base)
 
+    if model.has_attention:  # a pickle or hub PowerPaint, only recognisable once loaded
+        return _load_powerpaint_pipeline(base, model, base_info, torch_dtype, allow_pickle, base_config,
+                                         text_encoder_brushnet, hub_kwargs)
     pipeline_class = StableDiffusionXLBrushNetPipeline if family == SDXL else StableDiffusionBrushNetPipeline
     kwargs = dict(hub_kwargs, brushnet=model, **_dtype_kwargs(torch_dtype))
+    return _load_base(pipeline_class, base, base_info, base_config, kwargs)
+
+
+def _load_base(pipeline_class, base, base_info: _BaseInfo, base_config, kwargs: dict):
     if base_info.single_file:
         pipe = _load_single_file_pipeline(pipeline_class, Path(base), base_info, base_config, kwargs)
     else:
@@ -740,6 +916,49 @@ def load_pipeline(
     except ValueError as e:
         raise ModelLoadError(_first_line(e)) from e
     return pipe
+
+
+def _load_powerpaint_pipeline(base, brushnet, base_info: _BaseInfo, torch_dtype, allow_pickle, base_config,
+                              text_encoder_brushnet, hub_kwargs: dict):
+    # Every file is found and read before the base model, so a missing text encoder fails fast.
+    source = _find_branch_text_encoder(brushnet, text_encoder_brushnet)
+    state = _read_text_encoder_state(source.weights, allow_pickle) if source.weights is not None else None
+    brushnet_hub_kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
+    model = load_brushnet(brushnet, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **brushnet_hub_kwargs)
+
+    kwargs = dict(hub_kwargs, brushnet=model, text_encoder_brushnet=None, **_dtype_kwargs(torch_dtype))
+    if source.folder is not None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            kwargs["text_encoder_brushnet"] = _load_transformers_folder(CLIPTextModel, source.folder, torch_dtype)
+            if source.tokenizer is not None:
+                kwargs["tokenizer"] = CLIPTokenizer.from_pretrained(source.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"Could not load the branch text encoder in {source.folder} ({_first_line(e)}).") \
+                from e
+    try:
+        pipe = _load_base(StableDiffusionPowerPaintPipeline, base, base_info, base_config, kwargs)
+        if state is not None:
+            encoder = task_prompts.branch_text_encoder(pipe.text_encoder.config, state, torch_dtype)
+            pipe.register_modules(text_encoder_brushnet=encoder.to(pipe.text_encoder.device))
+    except ValueError as e:  # ModelLoadError included; the pipeline's own checks raise ValueError
+        raise e if isinstance(e, ModelLoadError) else ModelLoadError(f"{source.weights or source.folder}: "
+                                                                     f"{_first_line(e)}") from e
+    if pipe.text_encoder_brushnet.config.vocab_size != len(pipe.tokenizer):
+        raise ModelLoadError(
+            f"The branch text encoder in {source.weights or source.folder} has "
+            f"{pipe.text_encoder_brushnet.config.vocab_size} token embeddings, but the base tokenizer with "
+            f"PowerPaint's task tokens has {len(pipe.tokenizer)}: use the text encoder of the same release."
+        )
+    return pipe
+
+
+def _load_transformers_folder(model_class, folder: Path, torch_dtype):
+    # IOPaint publishes fp16 weights only, as the "fp16" variant.
+    variant = None if (folder / "model.safetensors").is_file() else "fp16"
+    dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
+    return model_class.from_pretrained(folder, variant=variant, **dtype)
 
 
 def _load_single_file_pipeline(pipeline_class, path: Path, base_info: _BaseInfo, base_config, kwargs: dict):

@@ -1,7 +1,10 @@
 """The BrushNet branch: a Stable Diffusion UNet without attention, conditioned on the masked image.
 
-Its config fields and state-dict keys are those of the released checkpoints (`config.json` +
-`diffusion_pytorch_model.safetensors`), so `from_pretrained` loads them as they are.
+PowerPaint v2 (open-mmlab/PowerPaint, `PowerPaint_Brushnet/`) is the same branch with the UNet's
+cross-attention kept: its config names the attention block types, and the blocks read the branch
+text encoder's task-prompt embeddings. Either way the config fields and state-dict keys are those of
+the released checkpoints (`config.json` + `diffusion_pytorch_model.safetensors`), so
+`from_pretrained` loads them as they are.
 """
 
 from dataclasses import dataclass
@@ -10,12 +13,21 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
+from diffusers.models.unets.unet_2d_blocks import (
+    DownBlock2D,
+    UNetMidBlock2D,
+    UpBlock2D,
+    get_down_block,
+    get_mid_block,
+    get_up_block,
+)
 from diffusers.utils import BaseOutput
 from torch import nn
 
 # Number of latent channels the branch sees besides the noisy latent: masked-image latent (4) + mask (1).
 CONDITIONING_CHANNELS = 5
+# Block types of a branch that keeps the UNet's cross-attention (PowerPaint v2's BrushNet_CA).
+ATTENTION_DOWN, ATTENTION_MID, ATTENTION_UP = "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D"
 
 
 @dataclass
@@ -47,11 +59,15 @@ class BrushNetModel(ModelMixin, ConfigMixin):
     0 = hole). After every layer a zero-initialised 1x1 conv produces a residual that is added to
     the frozen UNet's hidden state at the same layer (see `brushnet.unet_forward`).
 
-    The constructor arguments are the config of the released checkpoints. Fields that only made
-    sense for attention blocks (`cross_attention_dim`, `attention_head_dim`, `num_attention_heads`,
-    `transformer_layers_per_block`, `use_linear_projection`, `only_cross_attention`,
-    `upcast_attention`, `conditioning_embedding_out_channels`, `encoder_hid_dim*`,
-    `addition_embed_type_num_heads`) are accepted and kept in the config but do not shape the model.
+    The constructor arguments are the config of the released checkpoints. With attention-free block
+    types, the fields that only make sense for attention blocks (`cross_attention_dim`,
+    `attention_head_dim`, `num_attention_heads`, `transformer_layers_per_block`,
+    `use_linear_projection`, `only_cross_attention`, `upcast_attention`) are accepted and kept in
+    the config but do not shape the model. With PowerPaint's block types (`CrossAttnDownBlock2D`,
+    `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`) they build the attention exactly as the UNet's,
+    and `forward` needs `encoder_hidden_states` (the branch text encoder's task prompt).
+    `conditioning_embedding_out_channels`, `encoder_hid_dim*` and `addition_embed_type_num_heads`
+    never shape it.
     """
 
     _supports_gradient_checkpointing = True
@@ -131,25 +147,54 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         )
         n_blocks = len(block_out_channels)
 
+        # The attention settings per block, as UNet2DConditionModel reads them (num_attention_heads
+        # falls back to attention_head_dim, diffusers' historical naming).
+        per_block = lambda value: list(value) if isinstance(value, (list, tuple)) else [value] * n_blocks  # noqa: E731
+        heads = per_block(num_attention_heads or attention_head_dim)
+        head_dims = per_block(attention_head_dim)
+        transformer_layers = per_block(transformer_layers_per_block)
+        cross_only = per_block(only_cross_attention)
+        attention_kwargs = dict(cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
+                                upcast_attention=upcast_attention)
+
         self.down_blocks = nn.ModuleList()
         self.brushnet_down_blocks = nn.ModuleList([_zero_conv(block_out_channels[0])])
         output_channel = block_out_channels[0]
         for i in range(n_blocks):
             input_channel, output_channel = output_channel, block_out_channels[i]
             is_final_block = i == n_blocks - 1
-            self.down_blocks.append(DownBlock2D(
-                in_channels=input_channel, out_channels=output_channel, num_layers=layers_per_block,
-                add_downsample=not is_final_block, downsample_padding=downsample_padding, **resnet_kwargs,
-            ))
+            if down_block_types[i] == ATTENTION_DOWN:
+                self.down_blocks.append(get_down_block(
+                    ATTENTION_DOWN, num_layers=layers_per_block, in_channels=input_channel,
+                    out_channels=output_channel, temb_channels=time_embed_dim, add_downsample=not is_final_block,
+                    resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
+                    resnet_time_scale_shift=resnet_time_scale_shift, downsample_padding=downsample_padding,
+                    transformer_layers_per_block=transformer_layers[i], num_attention_heads=heads[i],
+                    attention_head_dim=head_dims[i] or output_channel, only_cross_attention=cross_only[i],
+                    **attention_kwargs,
+                ))
+            else:
+                self.down_blocks.append(DownBlock2D(
+                    in_channels=input_channel, out_channels=output_channel, num_layers=layers_per_block,
+                    add_downsample=not is_final_block, downsample_padding=downsample_padding, **resnet_kwargs,
+                ))
             n_outputs = layers_per_block + (0 if is_final_block else 1)
             self.brushnet_down_blocks.extend(_zero_conv(output_channel) for _ in range(n_outputs))
 
         mid_channel = block_out_channels[-1]
-        # "MidBlock2D" (what from_unet writes) has two resnets; the reference builds "UNetMidBlock2D" with one.
-        self.mid_block = UNetMidBlock2D(
-            in_channels=mid_channel, num_layers=1 if mid_block_type == "MidBlock2D" else 0, add_attention=False,
-            output_scale_factor=mid_block_scale_factor, **resnet_kwargs,
-        )
+        if mid_block_type == ATTENTION_MID:
+            self.mid_block = get_mid_block(
+                ATTENTION_MID, temb_channels=time_embed_dim, in_channels=mid_channel, resnet_eps=norm_eps,
+                resnet_act_fn=act_fn, resnet_groups=norm_num_groups, output_scale_factor=mid_block_scale_factor,
+                resnet_time_scale_shift=resnet_time_scale_shift, transformer_layers_per_block=transformer_layers[-1],
+                num_attention_heads=heads[-1], **attention_kwargs,
+            )
+        else:
+            # "MidBlock2D" (what from_unet writes) has two resnets; the reference builds "UNetMidBlock2D" with one.
+            self.mid_block = UNetMidBlock2D(
+                in_channels=mid_channel, num_layers=1 if mid_block_type == "MidBlock2D" else 0, add_attention=False,
+                output_scale_factor=mid_block_scale_factor, **resnet_kwargs,
+            )
         self.brushnet_mid_block = _zero_conv(mid_channel)
 
         self.up_blocks = nn.ModuleList()
@@ -159,11 +204,24 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         for i in range(n_blocks):
             is_final_block = i == n_blocks - 1
             prev_output_channel, output_channel = output_channel, reversed_channels[i]
-            self.up_blocks.append(UpBlock2D(
-                in_channels=reversed_channels[min(i + 1, n_blocks - 1)], prev_output_channel=prev_output_channel,
-                out_channels=output_channel, num_layers=layers_per_block + 1, resolution_idx=i,
-                add_upsample=not is_final_block, **resnet_kwargs,
-            ))
+            input_channel = reversed_channels[min(i + 1, n_blocks - 1)]
+            if up_block_types[i] == ATTENTION_UP:
+                self.up_blocks.append(get_up_block(
+                    ATTENTION_UP, num_layers=layers_per_block + 1, in_channels=input_channel,
+                    out_channels=output_channel, prev_output_channel=prev_output_channel,
+                    temb_channels=time_embed_dim, add_upsample=not is_final_block, resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn, resolution_idx=i, resnet_groups=norm_num_groups,
+                    resnet_time_scale_shift=resnet_time_scale_shift,
+                    transformer_layers_per_block=transformer_layers[::-1][i], num_attention_heads=heads[::-1][i],
+                    only_cross_attention=cross_only[::-1][i], attention_head_dim=head_dims[::-1][i] or output_channel,
+                    **attention_kwargs,
+                ))
+            else:
+                self.up_blocks.append(UpBlock2D(
+                    in_channels=input_channel, prev_output_channel=prev_output_channel,
+                    out_channels=output_channel, num_layers=layers_per_block + 1, resolution_idx=i,
+                    add_upsample=not is_final_block, **resnet_kwargs,
+                ))
             n_outputs = layers_per_block + 1 + (0 if is_final_block else 1)
             self.brushnet_up_blocks.extend(_zero_conv(output_channel) for _ in range(n_outputs))
 
@@ -175,6 +233,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         conditioning_embedding_out_channels: tuple[int, ...] | None = (16, 32, 96, 256),
         load_weights_from_unet: bool = True,
         conditioning_channels: int = CONDITIONING_CHANNELS,
+        keep_attention: bool = False,
     ) -> "BrushNetModel":
         """Build a BrushNet from an SD1.5- or SDXL-shaped `UNet2DConditionModel`, as the reference does.
 
@@ -184,19 +243,27 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         zero on the mask channel. All `brushnet_*` output convs start at zero, so the new branch
         leaves the UNet's output unchanged. SDXL's `add_embedding` is not copied (nor in the reference).
 
+        `keep_attention=True` builds PowerPaint v2's branch instead: the UNet's own block types, its
+        cross-attention weights copied too (the layout of `PowerPaint_Brushnet/config.json`).
+
         Unlike the reference, `conv_in_condition.bias` is a copy of the UNet's `conv_in.bias`, not the
         same Parameter: the reference ties them, which silently freezes that bias in training when
         the UNet is frozen.
         """
         config = unet.config
+        n_blocks = len(config.down_block_types)
+        if keep_attention:
+            block_types = dict(down_block_types=config.down_block_types, mid_block_type=config.mid_block_type,
+                               up_block_types=config.up_block_types)
+        else:
+            block_types = dict(down_block_types=["DownBlock2D"] * n_blocks, mid_block_type="MidBlock2D",
+                               up_block_types=["UpBlock2D"] * n_blocks)
         brushnet = cls(
             in_channels=config.in_channels,
             conditioning_channels=conditioning_channels,
             flip_sin_to_cos=config.flip_sin_to_cos,
             freq_shift=config.freq_shift,
-            down_block_types=["DownBlock2D"] * len(config.down_block_types),
-            mid_block_type="MidBlock2D",
-            up_block_types=["UpBlock2D"] * len(config.down_block_types),
+            **block_types,
             only_cross_attention=config.only_cross_attention,
             block_out_channels=config.block_out_channels,
             layers_per_block=config.layers_per_block,
@@ -236,7 +303,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         brushnet.time_embedding.load_state_dict(unet.time_embedding.state_dict())
         if brushnet.class_embedding is not None:
             brushnet.class_embedding.load_state_dict(unet.class_embedding.state_dict())
-        # strict=False: the UNet's attention weights have no place in the branch.
+        # strict=False: without attention, the UNet's attention weights have no place in the branch.
         for name in ("down_blocks", "mid_block", "up_blocks"):
             missing, _ = getattr(brushnet, name).load_state_dict(getattr(unet, name).state_dict(), strict=False)
             if missing:
@@ -261,8 +328,8 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         """Compute the residuals for the frozen UNet.
 
         `brushnet_cond` is (B, 5, h, w): masked-image latent (4) and mask (1 = keep, 0 = hole).
-        `encoder_hidden_states`, `attention_mask` and `cross_attention_kwargs` are accepted for
-        signature compatibility with the UNet; the branch has no attention and does not read them.
+        `encoder_hidden_states`, `attention_mask` and `cross_attention_kwargs` feed the cross-attention
+        of a PowerPaint branch; a BrushNet has no attention and does not read them.
         With `guess_mode`, residual k (down..., mid, up...) is scaled by
         `logspace(-1, 0, N)[k] * conditioning_scale` instead of `conditioning_scale`.
         """
@@ -270,14 +337,23 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             brushnet_cond = torch.flip(brushnet_cond, dims=[1])
 
         emb = self._embed_time(sample, timestep, class_labels, timestep_cond, added_cond_kwargs)
+        text = {}
+        if self.has_attention:
+            if encoder_hidden_states is None:
+                raise ValueError("This BrushNet has cross-attention (PowerPaint): pass `encoder_hidden_states`.")
+            if attention_mask is not None:  # as the UNet: 1 = attend, 0 = masked out
+                attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+            text = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                        cross_attention_kwargs=cross_attention_kwargs)
+        reads_text = lambda block: getattr(block, "has_cross_attention", False)  # noqa: E731
 
         hidden = self.conv_in_condition(torch.cat([sample, brushnet_cond], dim=1))
         down_outputs = [hidden]
         for block in self.down_blocks:
-            hidden, layer_outputs = block(hidden, emb)
+            hidden, layer_outputs = block(hidden, emb, **text) if reads_text(block) else block(hidden, emb)
             down_outputs.extend(layer_outputs)
 
-        hidden = self.mid_block(hidden, emb)
+        hidden = self.mid_block(hidden, emb, **text) if reads_text(self.mid_block) else self.mid_block(hidden, emb)
         mid_output = hidden
 
         up_outputs = []
@@ -286,7 +362,8 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             block_skips = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
             upsample_size = skips[-1].shape[2:] if skips else None
-            hidden = self._up_block(block, hidden, block_skips, emb, upsample_size, up_outputs)
+            hidden = self._up_block(block, hidden, block_skips, emb, upsample_size, up_outputs,
+                                    text if reads_text(block) else None)
 
         down = [conv(h) for conv, h in zip(self.brushnet_down_blocks, down_outputs)]
         mid = self.brushnet_mid_block(mid_output)
@@ -346,12 +423,21 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             emb = emb + self.add_embedding(add_embeds)
         return emb
 
-    def _up_block(self, block, hidden, skips, emb, upsample_size, outputs) -> torch.Tensor:
-        # UpBlock2D.forward returns only its final state; the branch needs every layer's output.
+    @property
+    def has_attention(self) -> bool:
+        """True for a PowerPaint branch, whose blocks keep the UNet's cross-attention."""
+        types = (*self.config.down_block_types, self.config.mid_block_type, *self.config.up_block_types)
+        return any(t in (ATTENTION_DOWN, ATTENTION_MID, ATTENTION_UP) for t in types)
+
+    def _up_block(self, block, hidden, skips, emb, upsample_size, outputs, text=None) -> torch.Tensor:
+        # The up blocks' forward returns only their final state; the branch needs every layer's output.
         checkpoint = torch.is_grad_enabled() and block.gradient_checkpointing
-        for resnet in block.resnets:
+        attentions = block.attentions if text is not None else [None] * len(block.resnets)
+        for resnet, attention in zip(block.resnets, attentions):
             hidden = torch.cat([hidden, skips.pop()], dim=1)
             hidden = block._gradient_checkpointing_func(resnet, hidden, emb) if checkpoint else resnet(hidden, emb)
+            if attention is not None:
+                hidden = attention(hidden, return_dict=False, **text)[0]
             outputs.append(hidden)
         if block.upsamplers is not None:
             for upsampler in block.upsamplers:
@@ -362,22 +448,19 @@ class BrushNetModel(ModelMixin, ConfigMixin):
 
 def _check_config(down_block_types, mid_block_type, up_block_types, block_out_channels, encoder_hid_dim,
                   encoder_hid_dim_type, addition_embed_type, channel_order) -> None:
-    attention_blocks = [t for t in (*down_block_types, mid_block_type, *up_block_types) if t and "Attn" in t]
-    if attention_blocks:
-        raise ValueError(
-            f"This BrushNet config has attention blocks ({attention_blocks[0]}): it is a PowerPaint-style "
-            "BrushNet with cross-attention, which this package does not support. Use a BrushNet checkpoint "
-            "(segmentation_mask_brushnet_ckpt, random_mask_brushnet_ckpt, the SDXL ones or BrushNetX)."
-        )
-    unknown = {t for t in down_block_types if t != "DownBlock2D"} | {t for t in up_block_types if t != "UpBlock2D"}
-    if mid_block_type not in ("MidBlock2D", "UNetMidBlock2D"):
+    unknown = ({t for t in down_block_types if t not in ("DownBlock2D", ATTENTION_DOWN)}
+               | {t for t in up_block_types if t not in ("UpBlock2D", ATTENTION_UP)})
+    if mid_block_type not in ("MidBlock2D", "UNetMidBlock2D", ATTENTION_MID):
         unknown.add(mid_block_type)
     if unknown:
-        raise ValueError(f"Unknown BrushNet block types {sorted(map(str, unknown))}.")
+        raise ValueError(
+            f"Unknown BrushNet block types {sorted(map(str, unknown))}: a BrushNet has DownBlock2D/UpBlock2D, "
+            f"a PowerPaint branch also {ATTENTION_DOWN}/{ATTENTION_MID}/{ATTENTION_UP}."
+        )
     if not len(down_block_types) == len(up_block_types) == len(block_out_channels):
         raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length.")
     if encoder_hid_dim is not None or encoder_hid_dim_type is not None:
-        raise ValueError("BrushNet configs with encoder_hid_dim are not supported: the branch has no attention.")
+        raise ValueError("BrushNet configs with encoder_hid_dim are not supported (no released branch has one).")
     if addition_embed_type not in (None, "text_time"):
         raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported (only None and 'text_time').")
     if channel_order not in ("rgb", "bgr"):

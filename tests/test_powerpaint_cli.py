@@ -1,0 +1,73 @@
+"""`brushnet inpaint --task ...` and `brushnet outpaint` with a PowerPaint model, on the tiny golden files."""
+
+import pytest
+from PIL import Image
+
+from brushnet.cli import main
+from brushnet.metadata import read_png_params
+
+CASE = "powerpaint_v2_tiny_pipeline"
+
+
+@pytest.fixture(scope="module")
+def powerpaint(golden):
+    folder = golden(CASE).dir
+    return folder, ["--base", str(folder / "realisticVisionV60B1_v51VAE"), "--brushnet",
+                    str(folder / "PowerPaint_Brushnet"), "--steps", "2", "--seed", "3", "--device", "cpu"]
+
+
+def _error(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("brushnet: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_object_removal_needs_no_prompt(powerpaint, tmp_path, monkeypatch):
+    from brushnet import StableDiffusionPowerPaintPipeline
+
+    calls = []
+    original = StableDiffusionPowerPaintPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPowerPaintPipeline, "__call__", spy)
+    folder, models = powerpaint
+    out = tmp_path / "removed.png"
+    assert main(["inpaint", str(folder / "init_image.png"), str(folder / "mask.png"), "--task", "remove",
+                 "--out", str(out), *models]) == 0
+    assert [(c["task"], c["prompt"], c["fitting_degree"]) for c in calls] == [("object-removal", "", 1.0)]
+    params = read_png_params(out)
+    assert params["task"] == "object-removal" and params["fitting_degree"] == 1.0
+    assert Image.open(out).size == Image.open(folder / "init_image.png").size
+
+
+def test_shape_guided_with_fitting_degree(powerpaint, tmp_path):
+    folder, models = powerpaint
+    out = tmp_path / "shape.png"
+    assert main(["inpaint", str(folder / "init_image.png"), str(folder / "mask.png"), "--task", "shape-guided",
+                 "--fitting-degree", "0.5", "-p", "a cat", "--out", str(out), *models]) == 0
+    assert read_png_params(out)["fitting_degree"] == 0.5
+
+
+def test_outpaint_uses_the_outpainting_task(powerpaint, tmp_path):
+    folder, models = powerpaint
+    out = tmp_path / "wide.png"
+    assert main(["outpaint", str(folder / "outpaint_source.png"), "--left", "8", "--right", "8",
+                 "--out", str(out), *models]) == 0
+    assert read_png_params(out)["task"] == "outpainting"
+
+
+def test_errors(powerpaint, golden, tmp_path, capsys):
+    folder, models = powerpaint
+    run = ["inpaint", str(folder / "init_image.png"), str(folder / "mask.png"), "--out", str(tmp_path / "o.png")]
+    base = golden("sd15_tiny_pipeline").dir
+    err = _error([*run, "--task", "remove", "--base", str(base), "--brushnet", str(base / "brushnet"),
+                  "--steps", "1"], capsys)
+    assert "PowerPaint" in err
+    assert "--fitting-degree" in _error([*run, "--task", "shape-guided", "-p", "x", "--fitting-degree", "2",
+                                         *models], capsys)
+    assert "--prompt" in _error([*run, "--task", "shape-guided", *models], capsys)
