@@ -1,0 +1,274 @@
+"""Masks from points, boxes and words: tiny random SAM and Grounding DINO built here (no network),
+compared with transformers' own post-processed outputs on a non-square image; `brushnet mask` and
+`brushnet inpaint --point` end to end."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brushnet.cli import main
+from brushnet.masks import load_mask
+from brushnet.metadata import read_png_params
+from brushnet.segmentation import Detector, NothingFound, Segmenter, select_mask
+
+WIDTH, HEIGHT = 90, 40  # not square, so a swapped or unscaled coordinate shows
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "cat", "dog", "red", "ball"]
+
+
+def _save_tiny_sam(folder) -> None:
+    from transformers import (
+        SamConfig,
+        SamImageProcessorPil,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             output_channels=16, image_size=64, patch_size=8, global_attn_indexes=[1],
+                             window_size=4, mlp_dim=64, num_pos_feats=8)
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                                   iou_head_hidden_dim=16)
+    torch.manual_seed(0)
+    SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())).save_pretrained(folder)
+    # The decoder's masks are 4x its 8x8 embedding: 32 px, padded to 32 like SAM's 256 of 1024.
+    SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                                      mask_size={"longest_edge": 32}, mask_pad_size={"height": 32, "width": 32})
+                 ).save_pretrained(folder)
+
+
+def _save_tiny_grounding_dino(folder) -> None:
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    backbone = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=2, out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=32)
+    # d_model 32: its group norms have 32 groups; two decoder layers: the box heads are tied across layers.
+    config = GroundingDinoConfig(backbone_config=backbone.to_dict(), text_config=text.to_dict(), d_model=32,
+                                 encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                 encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10,
+                                 max_text_len=32, encoder_n_points=2, decoder_n_points=2)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
+        size={"shortest_edge": 64, "longest_edge": 128}), tokenizer=BertTokenizer(str(folder / "vocab.txt")))
+    processor.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segmentation-models")
+    _save_tiny_sam(root / "sam")
+    _save_tiny_grounding_dino(root / "dino")
+    return root / "sam", root / "dino"
+
+
+@pytest.fixture(scope="module")
+def segmenter(models):
+    return Segmenter.from_pretrained(str(models[0]))
+
+
+@pytest.fixture(scope="module")
+def detector(models):
+    return Detector.from_pretrained(str(models[1]))
+
+
+@pytest.fixture(scope="module")
+def image():
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    pixels = np.stack([x * 255 // WIDTH, y * 255 // HEIGHT, np.full_like(x, 90)], -1)
+    pixels[8:30, 55:80] = (230, 30, 30)  # a red "object" on a gradient
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def _transformers_mask(segmenter, image, **prompts) -> np.ndarray:
+    """What transformers' own pipeline of calls gives: processor, model, post_process_masks, best IoU."""
+    inputs = segmenter.processor(images=image, return_tensors="pt", **prompts)
+    with torch.no_grad():
+        outputs = segmenter.model(**inputs, multimask_output=True)
+    masks = segmenter.processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"],
+                                                   inputs["reshaped_input_sizes"])[0]
+    assert masks.shape[-2:] == (HEIGHT, WIDTH)
+    return masks[0, outputs.iou_scores[0, 0].argmax()].numpy()
+
+
+def _as_bool(mask: Image.Image) -> np.ndarray:
+    assert mask.mode == "L" and mask.size == (WIDTH, HEIGHT)
+    values = np.asarray(mask)
+    assert set(np.unique(values)) <= {0, 255}
+    return values == 255
+
+
+def test_points_give_transformers_own_mask(segmenter, image):
+    mask = _as_bool(select_mask(image, segmenter, points=[(66, 18)], negative_points=[(10, 35)]))
+    expected = _transformers_mask(segmenter, image, input_points=[[[[66, 18], [10, 35]]]], input_labels=[[[1, 0]]])
+    assert np.array_equal(mask, expected)
+    assert 0 < mask.mean() < 1
+    # Another point, another mask: the coordinates reach the model.
+    other = _as_bool(select_mask(image, segmenter, points=[(5, 5)]))
+    assert np.array_equal(other, _transformers_mask(segmenter, image, input_points=[[[[5, 5]]]],
+                                                    input_labels=[[[1]]]))
+    assert not np.array_equal(mask, other)
+
+
+def test_box_with_points_and_several_boxes(segmenter, image):
+    box, second = (50, 5, 85, 35), (0, 0, 30, 20)
+    mask = _as_bool(select_mask(image, segmenter, boxes=[box], points=[(66, 18)]))
+    expected = _transformers_mask(segmenter, image, input_boxes=[[list(box)]], input_points=[[[[66, 18]]]],
+                                  input_labels=[[[1]]])
+    assert np.array_equal(mask, expected)
+    # Boxes alone: one object each, the union kept; each the best of its own three candidates.
+    union = _as_bool(select_mask(image, segmenter, boxes=[box, second]))
+    each = [_transformers_mask(segmenter, image, input_boxes=[[list(b)]]) for b in (box, second)]
+    assert np.array_equal(union, each[0] | each[1])
+
+
+def test_words_select_what_the_detector_finds(segmenter, detector, image):
+    threshold = 0.5
+    boxes = detector.detect(image, ["a cat", "a dog"], threshold)
+    # The detector's boxes are transformers' post-processed ones, in the image's pixels.
+    inputs = detector.processor(images=image, text=[["a cat", "a dog"]], return_tensors="pt")
+    with torch.no_grad():
+        outputs = detector.model(**inputs)
+    raw = detector.processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=threshold, target_sizes=[(HEIGHT, WIDTH)])[0]
+    assert 0 < len(boxes) == len(raw["boxes"])
+    clamped = torch.minimum(raw["boxes"].clamp(min=0), torch.tensor([WIDTH, HEIGHT] * 2))
+    order = raw["scores"].argsort(descending=True)
+    assert torch.allclose(torch.tensor(boxes), clamped[order])
+
+    mask = _as_bool(select_mask(image, segmenter, text=["a cat. a dog"], detector=detector, threshold=threshold))
+    expected = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    for box in boxes:
+        expected |= _transformers_mask(segmenter, image, input_boxes=[[list(box)]])
+    assert np.array_equal(mask, expected)
+
+
+def test_dilate_grows_the_mask(segmenter, image):
+    plain = select_mask(image, segmenter, points=[(66, 18)])
+    grown = select_mask(image, segmenter, points=[(66, 18)], dilate=3)
+    assert np.array_equal(np.asarray(grown), np.asarray(load_mask(plain, dilate=3)))
+    assert _as_bool(grown).sum() > _as_bool(plain).sum()
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ({"points": [(90, 10)]}, "point 90,10 (on the 90x40 image): x must be a number in [0, 89]"),
+    ({"points": [(10, -1)]}, "point 10,-1 (on the 90x40 image): y must be"),
+    ({"boxes": [(0, 0, 91, 20)]}, "box 0,0,91,20 (on the 90x40 image): x1 must be a number in [0, 90]"),
+    ({"boxes": [(30, 0, 10, 20)]}, "x0 < x1 and y0 < y1"),
+    ({"negative_points": [(10, 10)]}, "negative points only take parts away"),
+    ({"points": [(1, 1)], "boxes": [(0, 0, 5, 5), (5, 5, 9, 9)]}, "Points refine one object, but 2 boxes"),
+    ({}, "Nothing to select"),
+    ({"text": ["a cat"]}, "needs an open-vocabulary detector"),
+    ({"points": [(1, 1)], "dilate": -2}, "dilate must be a whole number in [0, 90]"),
+])
+def test_clear_errors(segmenter, image, prompts, message):
+    with pytest.raises(ValueError) as error:
+        select_mask(image, segmenter, **prompts)
+    assert message in str(error.value)
+
+
+def test_nothing_found_names_the_words_and_threshold(segmenter, detector, image):
+    with pytest.raises(NothingFound, match=r"nothing matching 'a red ball' above its threshold 1"):
+        select_mask(image, segmenter, text=["a red ball"], detector=detector, threshold=1.0)
+
+
+def test_not_a_sam_checkpoint_is_refused(models):
+    with pytest.raises(ValueError, match="is a 'grounding-dino' model, not SAM"):
+        Segmenter.from_pretrained(str(models[1]))
+    with pytest.raises(ValueError, match="--segmenter /nonexistent/sam: cannot load it"):
+        Segmenter.from_pretrained("/nonexistent/sam")
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def test_mask_command_writes_the_selection(tmp_path, models, segmenter, image, capsys):
+    image.save(tmp_path / "photo.png")
+    out = tmp_path / "m.png"
+    args = ["mask", str(tmp_path / "photo.png"), "--segmenter", str(models[0]), "--point", "66,18",
+            "--negative-point", "10,35", "--out", str(out)]
+    assert main(args) == 0
+    written = Image.open(out)
+    expected = select_mask(image, segmenter, points=[(66, 18)], negative_points=[(10, 35)])
+    assert np.array_equal(np.asarray(written), np.asarray(expected))
+    assert read_png_params(out)["points"] == [[66.0, 18.0]]
+
+    before = out.read_bytes()
+    assert main(args) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main([*args, "--dilate", "2", "--overwrite"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(load_mask(expected, dilate=2)))
+
+    words = tmp_path / "words.png"
+    assert main(["mask", str(tmp_path / "photo.png"), "--segmenter", str(models[0]), "--text", "a cat",
+                 "--detector", str(models[1]), "--threshold", "0.5", "--out", str(words)]) == 0
+    assert read_png_params(words)["text"] == ["a cat"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--point", "5,5"], "need --segmenter"),
+    (["--segmenter", "SAM"], "nothing selects the region to fill"),
+    (["--segmenter", "SAM", "--text", "a dog"], "--text needs --detector"),
+    (["--segmenter", "SAM", "--point", "5,5", "--threshold", "0.5"], "--threshold is only used with --text"),
+    (["--segmenter", "SAM", "--text", "a dog", "--detector", "D", "--threshold", "0"],
+     "--threshold must be a number in (0, 1]"),
+    (["--segmenter", "SAM", "--point", "5,5", "--dilate", "-1"], "--dilate must be a whole number >= 0"),
+])
+def test_mask_command_errors_before_loading(tmp_path, image, capsys, extra, message):
+    image.save(tmp_path / "photo.png")
+    assert main(["mask", str(tmp_path / "photo.png"), *extra, "--out", str(tmp_path / "m.png")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_mask_command_point_outside_the_image(tmp_path, models, image, capsys):
+    image.save(tmp_path / "photo.png")
+    assert main(["mask", str(tmp_path / "photo.png"), "--segmenter", str(models[0]), "--point", "95,10",
+                 "--out", str(tmp_path / "m.png")]) == 2
+    assert "point 95,10 (on the 90x40 image): x must be a number in [0, 89]" in capsys.readouterr().err
+
+
+def test_bad_point_syntax_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["mask", str(tmp_path / "photo.png"), "--segmenter", "S", "--point", "5;5"])
+    assert "expected X,Y" in capsys.readouterr().err
+
+
+def test_inpaint_with_a_point_instead_of_a_mask(tmp_path, models, segmenter, image, capsys):
+    """The built-in demo model inpaints what the click selects; the rest of the image is kept."""
+    image.save(tmp_path / "photo.png")
+    out = tmp_path / "result.png"
+    assert main(["inpaint", str(tmp_path / "photo.png"), "--point", "66,18", "--segmenter", str(models[0]),
+                 "-p", "a blue circle", "--steps", "2", "--seed", "1", "--no-blend", "--strength", "0.5",
+                 "--out", str(out)]) == 0
+    result = np.asarray(Image.open(out).convert("RGB"))
+    hole = _as_bool(select_mask(image, segmenter, points=[(66, 18)]))
+    assert result.shape == (HEIGHT, WIDTH, 3)
+    assert not np.array_equal(result[hole], np.asarray(image)[hole])
+    params = read_png_params(out)
+    assert params["selection"]["points"] == [[66.0, 18.0]] and params["source_mask"] is None
+    assert params["strength"] == 0.5
+
+    assert main(["inpaint", str(tmp_path / "photo.png"), "-p", "x", "--out", str(tmp_path / "b.png")]) == 2
+    assert "nothing selects the region to fill: give MASK, or --point/--box/--text" in capsys.readouterr().err
+    (tmp_path / "mask.png").write_bytes(out.read_bytes())
+    assert main(["inpaint", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), "--point", "1,1",
+                 "--segmenter", "S", "-p", "x", "--out", str(tmp_path / "c.png")]) == 2
+    assert "give either MASK or --point/--box/--text, not both" in capsys.readouterr().err
