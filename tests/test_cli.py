@@ -320,7 +320,7 @@ def test_interrupting_a_batch_leaves_only_complete_files(tmp_path, models, monke
     for i in range(3):
         _photo(images / f"{i}.png", (24, 24), seed=i)
         _mask(masks / f"{i}.png", (24, 24), (2, 2, 12, 12))
-    real, calls = brushnet.inpaint.inpaint, []
+    real, calls = brushnet.inpaint.iter_inpaint, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -328,7 +328,7 @@ def test_interrupting_a_batch_leaves_only_complete_files(tmp_path, models, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(brushnet.inpaint, "inpaint", interrupted)
+    monkeypatch.setattr(brushnet.inpaint, "iter_inpaint", interrupted)
     assert main(["inpaint", str(images), str(masks), "-p", "x", "--out", str(out), *models]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["0.png"]

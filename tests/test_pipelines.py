@@ -116,8 +116,8 @@ def test_batches_of_prompts_and_images(setup):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"height": 31, "width": 32}, "divisible by 2"),  # the tiny VAE's scale factor; 8 for real models
-    ({"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start <"),
+    ({"height": 31, "width": 32}, "multiple of 2"),  # the tiny VAE's scale factor; 8 for real models
+    ({"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start must be less than"),
     ({"prompt": ["a", "b"], "image_count": 3}, "3 images for 2 prompts"),
     ({"generator": [torch.Generator(), torch.Generator()]}, "2 generators"),
     ({"blend": True, "blend_kernel": 4}, "odd"),
@@ -149,12 +149,12 @@ def test_sdxl_brushnet_with_sd15_unet_is_refused_before_denoising(setup, golden)
     wrong = StableDiffusionBrushNetPipeline(**{**pipe.components, "brushnet": sdxl_brushnet})
     called = []
     wrong.unet.register_forward_pre_hook(lambda *a: called.append(1))
-    with pytest.raises(ValueError, match="BrushNet is for SDXL .* base UNet is SD1.5"):
+    with pytest.raises(ValueError, match="it is an SDXL BrushNet, the base is SD1.5"):
         run(wrong, images["masked_image"], images["mask"])
     assert not called
     for handle in list(wrong.unet._forward_pre_hooks):
         del wrong.unet._forward_pre_hooks[handle]
-    with pytest.raises(ValueError, match="BrushNet is for SDXL"):
+    with pytest.raises(ValueError, match="it is an SDXL BrushNet"):
         StableDiffusionBrushNetPipeline.from_pretrained(golden("sd15_tiny_pipeline").dir, brushnet=sdxl_brushnet)
 
 
@@ -254,5 +254,5 @@ def test_ip_adapter_works_with_brushnet(setup, tmp_path):
 def test_sdxl_pipeline_rejects_sd15_brushnet(golden):
     case = golden("sdxl_tiny_pipeline")
     sd15_brushnet = BrushNetModel.from_pretrained(golden("sd15_tiny_model").dir / "brushnet")
-    with pytest.raises(ValueError, match="BrushNet is for SD1.5"):
+    with pytest.raises(ValueError, match="it is an SD1.5 BrushNet"):
         StableDiffusionXLBrushNetPipeline.from_pretrained(case.dir, brushnet=sd15_brushnet)

@@ -302,6 +302,45 @@ def test_oversized_uploads_get_a_clear_message(server, files):
     assert response.status_code == 413 and "maximum allowed size" in response.text
 
 
+def test_uploads_gradio_cannot_decode_get_one_sentence(server, files, tmp_path):
+    # gradio decodes uploads before the handler runs; its own message spans lines and shows server paths.
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"  # a header claiming 20000x20000
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b""))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    client = Client(server.url, verbose=False)
+    expected = {bomb: "has 400,000,000 pixels, more than this server's limit of 16,384 (--max-pixels)",
+                text: "file is not an image this server can read: upload a PNG, JPEG or WebP"}
+    for path, message in expected.items():
+        requests = {
+            "The image": {"image": _editor(path), "prompt": "x", "api_name": "/inpaint"},
+            "The mask": {"image": _editor(files.scene), "mask": handle_file(str(path)), "prompt": "x",
+                         "api_name": "/inpaint"},
+            "The image ": {"image": handle_file(str(path)), "prompt": "x", "left": 8, "api_name": "/outpaint"},
+        }
+        for what, request in requests.items():
+            with pytest.raises(Exception) as caught:
+                client.predict(**request, steps=2)
+            said = str(caught.value)
+            assert said.startswith(what.strip()) and message in said, said
+            assert "\n" not in said and "/tmp" not in said and "gradio" not in said, said
+
+
+def test_text_that_is_not_unicode_is_refused():
+    values = {"prompt": "a red \udcff ball", "negative_prompt": "", "steps": 20, "guidance": 7.5, "scale": 1.0,
+              "start": 0.0, "end": 1.0, "seed": 1, "num_images": 1, "blend": True, "blend_kernel": 0,
+              "crop_to_mask": False}
+    with pytest.raises(InputError, match="The prompt is not valid UTF-8"):
+        generation_settings(**values)
+
+
 def test_a_request_can_name_no_server_path(server, files):
     client = Client(server.url, verbose=False)
     for name in ("/etc/passwd", "../../models/other", "built-in"):

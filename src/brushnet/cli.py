@@ -8,16 +8,17 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .options import (
+    UserError,
+    add_model_options,
+    check_generation_args,
+    load_pipeline_from_args,
+    model_params,
+    resolve_device,
+    resolve_dtype,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-ONE_MODEL = ("--base and --brushnet go together: pass both (a base model and a BrushNet of the same family), "
-             "or neither to use the built-in demo model")
-
-
-class UserError(ValueError):
-    """A mistake in the command line, reported as one line without a traceback."""
-
-
 # -- argument parsing ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fill the white region of MASK in IMAGE, guided by --prompt. IMAGE and MASK may be "
                     "folders: images and masks are then paired by file name (stem).")
     inpaint.add_argument("image", metavar="IMAGE", help="image file, or a folder of images")
-    inpaint.add_argument("mask", metavar="MASK", help="mask file (white = fill), or a folder of masks")
+    inpaint.add_argument("mask", metavar="MASK", nargs="?",
+                         help="mask file (white = fill), or a folder of masks; or select with --point/--box/--text")
     _add_prompt_options(inpaint, batch=True)
+    _add_task_options(inpaint)
     masks = inpaint.add_argument_group("mask")
     masks.add_argument("--invert-mask", action="store_true", help="fill the black region instead of the white")
     masks.add_argument("--mask-threshold", type=int, default=128, metavar="0-255",
                        help="mask pixels at or above this value are filled (default 128)")
     masks.add_argument("--dilate", type=int, default=0, metavar="PX", help="grow the hole by PX pixels")
-    _add_model_options(inpaint)
+    from .mask_command import add_mask_command, add_selection_options
+
+    add_selection_options(inpaint)
+    add_model_options(inpaint)
     _add_generation_options(inpaint)
     _add_output_options(inpaint, batch=True)
     inpaint.set_defaults(func=cmd_inpaint)
@@ -50,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     for side in ("left", "right", "top", "bottom"):
         outpaint.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"pixels to add on the {side}")
     _add_prompt_options(outpaint, batch=False)
-    _add_model_options(outpaint)
+    add_model_options(outpaint)
     _add_generation_options(outpaint)
     _add_output_options(outpaint, batch=False)
     outpaint.set_defaults(func=cmd_outpaint)
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import add_serve_command
 
     add_serve_command(commands)
+    add_mask_command(commands)
 
     demo = commands.add_parser(
         "demo", help="inpaint an example scene with the built-in demo model (offline, seconds)",
@@ -113,22 +120,39 @@ def _add_prompt_options(parser, batch: bool) -> None:
                                 "{stem: prompt}; default IMAGE/prompts.txt or .json if present")
 
 
-def _add_model_options(parser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--base", help="base model: diffusers folder, hub id or single .safetensors file "
-                                      "(default, with no --brushnet either: the built-in demo model)")
-    group.add_argument("--brushnet", help="BrushNet: folder, hub id or single .safetensors file")
-    group.add_argument("--base-config", metavar="DIR",
-                       help="diffusers folder with the configs for a single-file --base (needed offline)")
-    group.add_argument("--allow-pickle", action="store_true",
-                       help="allow .ckpt/.bin/.pt checkpoints (pickles can run code: only for files you trust)")
-    group.add_argument("--scheduler", default="unipc", help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, "
-                                                           "euler_a or pndm")
-    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="weights precision (auto: fp16 on GPU, fp32 on CPU)")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
-                       help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
+# PowerPaint tasks by their command-line names; "remove" is the everyday word for object removal.
+TASK_CHOICES = {"text-guided": "text-guided", "object-removal": "object-removal", "remove": "object-removal",
+                "shape-guided": "shape-guided", "context-aware": "context-aware", "outpainting": "outpainting"}
+PROMPT_FREE_TASKS = {"object-removal", "context-aware", "outpainting"}
+
+
+def _add_task_options(parser) -> None:
+    group = parser.add_argument_group("PowerPaint (with a PowerPaint v2 --brushnet)")
+    group.add_argument("--task", choices=list(TASK_CHOICES), default=None,
+                       help="what to do with the hole: text-guided (default), object-removal (alias remove; no "
+                            "prompt needed), shape-guided, context-aware, outpainting")
+    group.add_argument("--fitting-degree", type=float, default=1.0, metavar="0-1",
+                       help="shape-guided: how closely the object follows the mask's shape (default 1)")
+
+
+def _powerpaint_keywords(pipe, args, job) -> dict:
+    """The task keywords of a PowerPaint pipeline (outpaint jobs use the outpainting task); a task
+    other than text-guided with a plain BrushNet is a mistake."""
+    from .pipelines import StableDiffusionPowerPaintPipeline
+
+    task = TASK_CHOICES[getattr(args, "task", None) or "text-guided"]
+    if not isinstance(pipe, StableDiffusionPowerPaintPipeline):
+        if task != "text-guided":
+            raise UserError(f"--task {args.task} needs a PowerPaint v2 model as --brushnet; a BrushNet only does "
+                            "text-guided inpainting (for removal, try random_mask_brushnet_ckpt and a negative "
+                            "prompt)")
+        return {}
+    if "canvas" in job:
+        task = "outpainting"
+    fitting = getattr(args, "fitting_degree", 1.0)
+    if not 0.0 <= fitting <= 1.0:
+        raise UserError(f"--fitting-degree must be between 0 and 1; got {fitting}")
+    return {"task": task, "fitting_degree": fitting}
 
 
 def _add_generation_options(parser) -> None:
@@ -138,7 +162,7 @@ def _add_generation_options(parser) -> None:
     group.add_argument("--scale", type=float, default=1.0, help="BrushNet conditioning scale (default 1.0)")
     group.add_argument("--start", type=float, default=0.0, help="fraction of the steps where BrushNet starts")
     group.add_argument("--end", type=float, default=1.0, help="fraction of the steps where BrushNet stops")
-    group.add_argument("--seed", type=int, help="random seed (default: random, recorded in the output)")
+    group.add_argument("--seed", type=int, help="random seed (default or -1: random, recorded in the output)")
     group.add_argument("--num-images", type=int, default=1, help="images per input (seeds seed, seed+1, ...)")
     group.add_argument("--blend", action=argparse.BooleanOptionalAction, default=True,
                        help="paste the result over the original through a blurred mask (default on)")
@@ -148,20 +172,23 @@ def _add_generation_options(parser) -> None:
                        help="process only a window around the hole at the model's native size (large photos)")
     group.add_argument("--context", type=float, default=0.3,
                        help="with --crop-to-mask, context around the hole as a fraction of its size (default 0.3)")
+    group.add_argument("--strength", type=float, default=1.0,
+                       help="below 1: start from the image noised to this fraction of the steps, keeping its "
+                            "colours (default 1: from noise)")
 
 
 def _add_output_options(parser, batch: bool) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", "-o", help="output PNG (a folder when IMAGE is a folder)" if batch
-                       else "output PNG")
+    group.add_argument("--out", "-o", help="output PNG, or an existing folder to write it in (the folder of "
+                                          "results when IMAGE is a folder)" if batch
+                       else "output PNG, or an existing folder to write it in")
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
 
 
 # -- commands -----------------------------------------------------------------------------------
 
 def cmd_inpaint(args) -> int:
-    from .masks import load_mask, open_image
-
+    check_generation_args(args)
     jobs = _inpaint_jobs(args)
     if not jobs[0]["batch"] and not args.overwrite:
         _refuse_existing(jobs[0]["outputs"])
@@ -171,39 +198,73 @@ def cmd_inpaint(args) -> int:
     if not todo:
         return 0
     _prepare_output_folders([p for job in todo for p in job["outputs"]])
-    loaded = []
-    for job in todo:  # read every input first, so a bad file stops the run before the model loads
-        image = open_image(job["image"])
-        mask = load_mask(job["mask"], args.mask_threshold, args.invert_mask, args.dilate)
-        if image.size != mask.size:
-            raise UserError(f"{job['image']} is {image.width}x{image.height} but {job['mask']} is "
-                            f"{mask.width}x{mask.height}: masks must have the size of their image")
-        if mask.getbbox() is None:
-            raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: "
-                            "nothing to inpaint (white = fill; --invert-mask if your hole is black)")
-        loaded.append((job, image, mask))
-    pipe, model_params = _load(args)
-    _run_jobs(pipe, model_params, args, loaded)
+    # Read every input before the model loads: a single bad file stops the run at once; in a
+    # folder, the broken ones are named now and at the end, and the good ones are processed.
+    broken = {}
+    for job in todo:
+        try:
+            _read_job(job, args)
+        except ValueError as error:
+            if not job["batch"]:
+                raise
+            broken[job["image"].name] = str(error).rstrip(".")
+            print(f"brushnet: skipping {job['image'].name}: {broken[job['image'].name]}", file=sys.stderr)
+    good = [job for job in todo if job["image"].name not in broken]
+    if good:
+        pipe, model_params = _load(args)
+        broken.update(_run_jobs(pipe, model_params, args, good))
+    if broken:
+        names = ", ".join(f"{name} ({reason})" for name, reason in broken.items())
+        raise UserError(f"{len(broken)} of {len(todo)} input(s) could not be processed: {names}")
     return 0
+
+
+def _read_job(job, args):
+    """(image, mask) of a job, or a ValueError saying what is wrong with its files."""
+    from .masks import load_mask, open_image
+
+    if "canvas" in job:
+        return job["canvas"]
+    if job["mask"] is None:
+        from .mask_command import read_selection_job
+
+        return read_selection_job(job, args)
+    image = open_image(job["image"])
+    mask = load_mask(job["mask"], args.mask_threshold, args.invert_mask, args.dilate)
+    if image.size != mask.size:
+        raise UserError(f"{job['image']} is {image.width}x{image.height} but {job['mask']} is "
+                        f"{mask.width}x{mask.height}: masks must have the size of their image")
+    if mask.getbbox() is None:
+        raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: "
+                        "nothing to inpaint (white = fill; --invert-mask if your hole is black)")
+    return image, mask
 
 
 def cmd_outpaint(args) -> int:
     from .masks import open_image
     from .regions import outpaint_canvas
 
+    check_generation_args(args)
     image_path = Path(args.image)
-    prompt = _require_prompt(args.prompt)
+    from .loading import is_powerpaint
+
+    # PowerPaint outpaints from the surroundings alone; a BrushNet needs to be told what to paint.
+    powerpaint = bool(args.brushnet) and is_powerpaint(args.brushnet)
+    prompt = (args.prompt or "") if powerpaint else _require_prompt(args.prompt)
     image = open_image(image_path)
-    canvas, mask = outpaint_canvas(image, args.left, args.right, args.top, args.bottom)
-    outputs = _output_paths(Path(args.out) if args.out else Path(f"{image_path.stem}-outpainted.png"),
-                            args.num_images)
+    canvas = outpaint_canvas(image, args.left, args.right, args.top, args.bottom)
+    out = Path(args.out) if args.out else Path(f"{image_path.stem}-outpainted.png")
+    if out.is_dir():  # an existing folder: the result goes inside it, named as without --out
+        out = out / f"{image_path.stem}-outpainted.png"
+    outputs = _output_paths(out, args.num_images)
     if not args.overwrite:
         _refuse_existing(outputs)
     _prepare_output_folders(outputs)
     job = {"image": image_path, "mask": None, "prompt": prompt, "outputs": outputs, "batch": False,
+           "canvas": canvas,
            "extra_params": {"outpaint": {s: getattr(args, s) for s in ("left", "right", "top", "bottom")}}}
     pipe, model_params = _load(args)
-    _run_jobs(pipe, model_params, args, [(job, canvas, mask)])
+    _run_jobs(pipe, model_params, args, [job])
     return 0
 
 
@@ -279,16 +340,25 @@ def cmd_info(args) -> int:
 # -- helpers ------------------------------------------------------------------------------------
 
 def _inpaint_jobs(args) -> list[dict]:
-    image, mask = Path(args.image), Path(args.mask)
+    from .mask_command import check_selection_args
+
+    image, mask = Path(args.image), Path(args.mask) if args.mask else None
+    check_selection_args(args, mask_given=mask is not None)
     if not image.exists():
         raise UserError(f"{image} does not exist")
-    if not mask.exists():
+    if mask is None and image.is_dir():
+        raise UserError("--point/--box/--text select in one image: IMAGE must be a file (for a folder, give MASK)")
+    if mask is not None and not mask.exists():
         raise UserError(f"{mask} does not exist")
-    if image.is_dir() != mask.is_dir():
+    if mask is not None and image.is_dir() != mask.is_dir():
         raise UserError("IMAGE and MASK must both be files or both be folders")
     if not image.is_dir():
         out = Path(args.out) if args.out else Path(f"{image.stem}-inpainted.png")
-        return [{"image": image, "mask": mask, "prompt": _require_prompt(args.prompt),
+        if out.is_dir():  # an existing folder: the result goes inside it, named as without --out
+            out = out / f"{image.stem}-inpainted.png"
+        task = TASK_CHOICES[args.task or "text-guided"]
+        prompt = (args.prompt or "") if task in PROMPT_FREE_TASKS else _require_prompt(args.prompt)
+        return [{"image": image, "mask": mask, "prompt": prompt,
                  "outputs": _output_paths(out, args.num_images), "batch": False, "extra_params": {}}]
 
     images = _images_in(image)
@@ -325,7 +395,10 @@ def _read_prompts(args, image_dir: Path) -> dict[str, str]:
         path = next((image_dir / n for n in ("prompts.json", "prompts.txt") if (image_dir / n).is_file()), None)
         if path is None:
             return {}
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     if path.suffix == ".json":
         try:
             prompts = json.loads(text)
@@ -377,31 +450,6 @@ def _prepare_output_folders(paths: list[Path]) -> None:
             raise UserError(f"the output folder {folder} is not writable: choose another --out")
 
 
-def _device(name: str, process_device: str | None = None) -> str:
-    """The torch device for --device; under a multi-process launch, this process's own GPU."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    if process_device and process_device.startswith("cuda") and name in ("auto", "cuda"):
-        return process_device
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def _load(args):
     """Load the pipeline named on the command line; returns it and the parameters to record."""
     from diffusers.utils import logging as diffusers_logging
@@ -410,96 +458,66 @@ def _load(args):
     # Loading bars for a handful of components are noise; the denoising bar stays.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline_from_args(args, device, dtype)
     pipe.set_progress_bar_config(leave=False, desc="steps")
     return pipe, model_params(args, dtype)
 
 
-def load_pipeline_from_args(args, device: str, dtype):
-    """The pipeline of --base/--brushnet with --scheduler, on --device or offloaded as --offload says."""
-    from .loading import load_pipeline
-    from .schedulers import make_scheduler
-
-    if bool(args.base) != bool(args.brushnet):
-        raise UserError(ONE_MODEL)
-    if not args.base:
-        from .demo.model import DEMO_NOTICE, demo_model_dir
-
-        folder = demo_model_dir()
-        args.base, args.brushnet = str(folder), str(folder / "brushnet")
-        args.demo_model = True
-        print(DEMO_NOTICE, file=sys.stderr)
-    check_scheduler(args.scheduler)
-    if args.offload != "none" and device == "cpu":
-        raise UserError("--offload needs a GPU (--device cuda or mps)")
-    pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
-                         base_config=args.base_config)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    if args.offload == "none":
-        pipe.to(device)
-    elif args.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.enable_sequential_cpu_offload(device=device)
-    return pipe
-
-
-def check_scheduler(name: str) -> None:
-    from .schedulers import SCHEDULERS
-
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown --scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-
-
-def model_params(args, dtype) -> dict:
-    """What outputs record about the models: names, weight fingerprints, scheduler, precision."""
-    from .metadata import model_fingerprint
-
-    from .demo.model import DEMO_MODEL_NAME
-
-    names = ((DEMO_MODEL_NAME, DEMO_MODEL_NAME + " (brushnet)") if getattr(args, "demo_model", False)
-             else (str(args.base), str(args.brushnet)))
-    return {"base": names[0], "brushnet": names[1], "base_hash": model_fingerprint(args.base),
-            "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
-            "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
-
-
-def _run_jobs(pipe, model_params: dict, args, loaded) -> None:
+def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
+    """Generate and save every job's images, each saved as soon as it is made. In a folder, an input
+    that fails is recorded and the others go on; returns {input name: reason} of those."""
     from tqdm.auto import tqdm
 
-    from .inpaint import InpaintSettings, default_blend_kernel, image_seeds, inpaint
-    from .metadata import save_png
+    from . import inpaint as inpainting
 
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    for job, image, mask in tqdm(loaded, desc="images", disable=len(loaded) == 1):
-        settings = InpaintSettings(
+    seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**31)
+    failed = {}
+    for job in tqdm(jobs, desc="images", disable=len(jobs) == 1):
+        keywords = _powerpaint_keywords(pipe, args, job)
+        job["extra_params"].update(keywords)
+        settings = inpainting.InpaintSettings(
             prompt=job["prompt"], negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
-            blend=args.blend, blend_kernel=args.blend_kernel or default_blend_kernel(pipe), crop_to_mask=args.crop_to_mask, context=args.context,
+            blend=args.blend, blend_kernel=args.blend_kernel or inpainting.default_blend_kernel(pipe),
+            crop_to_mask=args.crop_to_mask, context=args.context, strength=args.strength, extra=keywords,
         )
-        results = inpaint(pipe, image, mask, settings)
-        for path, result, image_seed in zip(job["outputs"], results, image_seeds(settings)):
-            params = {**settings.as_dict(), **model_params, **job["extra_params"], "seed": image_seed,
-                      "num_images": 1, "source_image": Path(job["image"]).name,
-                      "source_mask": Path(job["mask"]).name if job["mask"] else None,
-                      "width": result.width, "height": result.height}
-            params.pop("extra")
-            try:
-                save_png(result, path, params, overwrite=args.overwrite)
-            except OSError as error:
-                if isinstance(error, FileExistsError):
-                    raise
-                raise UserError(f"cannot write {path} ({error.strerror or error}): check the folder") from None
-            print(f"wrote {path}")
+        try:
+            image, mask = _read_job(job, args)
+            results = inpainting.iter_inpaint(pipe, image, mask, settings)
+            for path, result, image_seed in zip(job["outputs"], results, inpainting.image_seeds(settings)):
+                _save_result(result, path, job, settings, model_params, image_seed, args.overwrite)
+        except (ValueError, FileNotFoundError) as error:
+            if not job["batch"]:
+                raise
+            failed[job["image"].name] = str(error).rstrip(".")
+            print(f"brushnet: {job['image'].name} failed: {failed[job['image'].name]}", file=sys.stderr)
+    return failed
+
+
+def _save_result(result, path: Path, job, settings, model_params: dict, image_seed: int, overwrite: bool) -> None:
+    from .metadata import save_png
+
+    params = {**settings.as_dict(), **model_params, **job["extra_params"], "seed": image_seed,
+              "num_images": 1, "source_image": Path(job["image"]).name,
+              "source_mask": Path(job["mask"]).name if job["mask"] else None,
+              "width": result.width, "height": result.height}
+    params.pop("extra")
+    try:
+        save_png(result, path, params, overwrite=overwrite)
+    except OSError as error:
+        if isinstance(error, FileExistsError):
+            raise
+        raise UserError(f"cannot write {path} ({error.strerror or error}): check the folder") from None
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
     # transformers warns at import that torchvision is absent; the CLI needs no torchvision.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         if os.environ.get("BRUSHNET_DEBUG"):

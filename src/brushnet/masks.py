@@ -5,6 +5,7 @@ opposite (1 = keep, 0 = hole); only the pipeline converts between the two.
 """
 
 import math
+import re
 
 import numpy as np
 import PIL.Image
@@ -134,9 +135,18 @@ def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 
     if invert:
         hole = ~hole
     if dilate:
-        grown = F.max_pool2d(torch.from_numpy(hole)[None, None].float(), 2 * dilate + 1, stride=1, padding=dilate)
-        hole = grown[0, 0].numpy() > 0
+        hole = _grow(hole, dilate)
     return PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L")
+
+
+def _grow(hole: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow a boolean mask by `pixels` in a square neighbourhood: two 1-D max filters (the square is
+    separable), and no wider than the image, past which every row and column is already covered."""
+    pixels = min(pixels, max(hole.shape))
+    grown = torch.from_numpy(hole)[None, None].float()
+    grown = F.max_pool2d(grown, (1, 2 * pixels + 1), stride=1, padding=(0, pixels))
+    grown = F.max_pool2d(grown, (2 * pixels + 1, 1), stride=1, padding=(pixels, 0))
+    return grown[0, 0].numpy() > 0
 
 
 def _mask_values(image: PIL.Image.Image) -> np.ndarray:
@@ -153,6 +163,7 @@ def _mask_values(image: PIL.Image.Image) -> np.ndarray:
 
 
 def _open_image(path, what: str) -> PIL.Image.Image:
+    """Open and decode an image file; every way that can fail becomes one ValueError naming the file."""
     try:
         image = PIL.Image.open(path)
         image.load()
@@ -162,8 +173,21 @@ def _open_image(path, what: str) -> PIL.Image.Image:
         raise ValueError(f"The {what} file {path} is not an image PIL can read.") from None
     except IsADirectoryError:
         raise ValueError(f"The {what} {path} is a folder, not an image file.") from None
-    except OSError as error:  # truncated or corrupt data
-        raise ValueError(f"The {what} file {path} is damaged ({error}): re-export or replace it.") from None
+    except PermissionError:
+        raise ValueError(f"The {what} file {path} cannot be read (permission denied).") from None
+    except PIL.Image.DecompressionBombError as error:
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(claimed.group(1)):,} pixels" if claimed else "more pixels than allowed"
+        raise ValueError(
+            f"The {what} file {path} claims {pixels}, more than the {PIL.Image.MAX_IMAGE_PIXELS * 2:,} decoded here "
+            "(a guard against decompression bombs): resize the image and try again."
+        ) from None
+    except MemoryError:
+        raise ValueError(f"The {what} file {path} is too large to decode in this machine's memory: resize it.") \
+            from None
+    except Exception as error:  # truncated or corrupt data: PIL raises OSError, SyntaxError, struct.error, ...
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"The {what} file {path} is damaged ({reason}): re-export or replace it.") from None
     return image
 
 

@@ -3,11 +3,12 @@
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import PIL.Image
 import PIL.PngImagePlugin
+
+from .files import atomic_write
 
 PNG_KEY = "brushnet"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -20,17 +21,10 @@ def save_png(image: PIL.Image.Image, path: str | os.PathLike, params: dict, over
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

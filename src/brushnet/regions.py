@@ -8,6 +8,11 @@ import math
 import numpy as np
 import PIL.Image
 
+# An outpainting margin that makes a canvas over this is a typo (a 100000-pixel margin), not a photo:
+# refused before the canvas is allocated.
+MAX_CANVAS_SIDE = 8192
+MAX_CANVAS_PIXELS = MAX_CANVAS_SIDE * MAX_CANVAS_SIDE
+
 
 def working_size(width: int, height: int, native: int, multiple: int = 8) -> tuple[int, int]:
     """The size with the model's native area (native x native) and the same aspect, in multiples."""
@@ -50,6 +55,9 @@ def outpaint_canvas(image: PIL.Image.Image, left: int = 0, right: int = 0, top: 
     if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
         raise ValueError("Outpainting needs at least one of --left/--right/--top/--bottom > 0 (pixels, none negative).")
     width, height = image.width + left + right, image.height + top + bottom
+    if width * height > MAX_CANVAS_PIXELS:
+        raise ValueError(f"The outpainted canvas would be {width}x{height} = {width * height} pixels, more than "
+                         f"{MAX_CANVAS_PIXELS} ({MAX_CANVAS_SIDE}x{MAX_CANVAS_SIDE}): add fewer pixels.")
     canvas = PIL.Image.new("RGB", (width, height), fill)
     canvas.paste(image.convert("RGB"), (left, top))
     mask = np.full((height, width), 255, dtype=np.uint8)

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import _add_model_options, _device, _dtype, load_pipeline_from_args, model_params
+from ..options import (
+    add_model_options,
+    check_generation_args,
+    check_scheduler,
+    load_pipeline_from_args,
+    model_params,
+    resolve_device,
+    resolve_dtype,
+)
 from .benchmark import DEFAULT_GRID, MASK_KEYS
 
 NO_MODEL = ("brushnet bench needs --base and --brushnet to generate the images, or --images DIR to score "
@@ -39,7 +47,7 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
     bench.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (images/, reports)")
     bench.add_argument("--grid", type=int, default=DEFAULT_GRID, help=argparse.SUPPRESS)
 
-    _add_model_options(bench)
+    add_model_options(bench, demo_default=False)
 
     gen = bench.add_argument_group("generation")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -83,7 +91,6 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from ..inpaint import InpaintSettings
-    from ..schedulers import SCHEDULERS
     from .runner import process_info, run_benchmark
 
     generating = args.images is None
@@ -91,14 +98,12 @@ def cmd_bench(args) -> int:
         raise ValueError(NO_MODEL)
     if not generating and (args.base or args.brushnet):
         raise ValueError("--images scores existing results: drop --base and --brushnet (or drop --images to generate).")
-    if args.scheduler not in SCHEDULERS:
-        raise ValueError(f"Unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1; got {args.steps}.")
+    check_scheduler(args.scheduler)
+    check_generation_args(args)
 
     process = process_info()
-    device = _device(args.device, process.device if process.world_size > 1 else None)
-    dtype = _dtype(args.dtype, device)
+    device = resolve_device(args.device, process.device if process.world_size > 1 else None)
+    dtype = resolve_dtype(args.dtype, device)
     weights = {"lpips": tuple(args.lpips_weights) if args.lpips_weights else None,
                "clip": args.clip_model, "aesthetic": args.aesthetic_weights, "hps": args.hps_weights,
                "image_reward": tuple(args.image_reward_weights) if args.image_reward_weights else None}

@@ -7,14 +7,13 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import PIL.Image
 
+from ..files import atomic_write
 from ..metadata import save_png
 from .metrics import METRICS, PAPER_ORDER, PLANNED
 
@@ -23,15 +22,8 @@ GALLERY_DIR = "gallery"
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (a temporary file renamed over the target)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def json_value(value):

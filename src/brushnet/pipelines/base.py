@@ -3,14 +3,27 @@
 import inspect
 import json
 import logging
+import numbers
 import os
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import StableDiffusionInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..masks import batch_size_of, check_same_size, preprocess_mask
+from ..arguments import (
+    check_blend_kernel,
+    check_conditioning_scale,
+    check_control_window,
+    check_guidance,
+    check_num_images,
+    check_number,
+    check_schedule,
+    check_steps,
+)
+from ..masks import batch_size_of, check_same_size, image_size, preprocess_mask
 from ..models import BrushNetModel, count_residuals, unet_forward
+from ..models.compatibility import mismatch_message
 from .blending import blend_tensors
 
 logger = logging.getLogger(__name__)
@@ -21,18 +34,16 @@ def _unwrap(module):
 
 
 def check_brushnet_matches_unet(brushnet, unet) -> None:
-    """Raise before any denoising if the BrushNet was made for another base model family."""
+    """Raise before any denoising if the BrushNet does not fit the base UNet (another family, layout
+    or channel count), saying what differs."""
     brushnet, unet = _unwrap(brushnet), _unwrap(unet)
-    family = lambda cfg: "SDXL" if cfg.get("addition_embed_type") == "text_time" else "SD1.5"  # noqa: E731
-    n_residuals = (len(brushnet.brushnet_down_blocks), len(brushnet.brushnet_up_blocks))
-    if (family(brushnet.config) != family(unet.config)
-            or list(brushnet.config.block_out_channels) != list(unet.config.block_out_channels)
-            or n_residuals != count_residuals(unet)):
-        raise ValueError(
-            f"This BrushNet is for {family(brushnet.config)} (block channels {list(brushnet.config.block_out_channels)}) "
-            f"but the base UNet is {family(unet.config)} (block channels {list(unet.config.block_out_channels)}): "
-            "use a BrushNet trained for the base model's family."
-        )
+    message = mismatch_message(brushnet.config, unet.config)
+    if message is None and (len(brushnet.brushnet_down_blocks), len(brushnet.brushnet_up_blocks)) != count_residuals(unet):
+        message = (f"This BrushNet gives {len(brushnet.brushnet_down_blocks)} down and "
+                   f"{len(brushnet.brushnet_up_blocks)} up residuals but the base UNet takes "
+                   f"{count_residuals(unet)}: use a BrushNet made for this base model.")
+    if message is not None:
+        raise ValueError(message)
 
 
 def brushnet_scale_schedule(scale: float, start: float, end: float, num_steps: int) -> list[float]:
@@ -46,7 +57,7 @@ def _single(value, name: str) -> float:
         if len(value) != 1:
             raise ValueError(f"`{name}` must be a number; got a list of {len(value)}.")
         value = value[0]
-    return float(value)
+    return value
 
 
 class BrushNetPipelineMixin:
@@ -111,10 +122,21 @@ class BrushNetPipelineMixin:
         if image is None or mask is None:
             raise ValueError("Both `image` and `mask` are required (mask: white = region to fill).")
         check_same_size(image, mask)
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value % self.vae_scale_factor != 0:
+        image_height, image_width = image_size(image[0] if isinstance(image, (list, tuple)) else image)
+        for name, value, own in (("height", height, image_height), ("width", width, image_width)):
+            if value is None and own % self.vae_scale_factor != 0:
+                # diffusers would silently crop to a multiple; a result of another size than its
+                # input surprises every caller that pastes it back.
                 raise ValueError(
-                    f"`{name}` must be divisible by {self.vae_scale_factor} (the VAE's scale factor); got {value}."
+                    f"The image is {image_width}x{image_height} (WxH): its width and height must be multiples of "
+                    f"{self.vae_scale_factor} (the VAE's scale factor). Resize or pad it, pass height= and width=, "
+                    "or use brushnet.inpaint.inpaint(), which works at any size."
+                )
+            if value is not None and (not isinstance(value, numbers.Integral) or value < self.vae_scale_factor
+                                      or value % self.vae_scale_factor != 0):
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {self.vae_scale_factor} (the VAE's scale factor); "
+                    f"got {value!r}."
                 )
         n_images, n_masks = batch_size_of(image), batch_size_of(mask)
         for what, n in (("images", n_images), ("masks", n_masks)):
@@ -125,17 +147,27 @@ class BrushNetPipelineMixin:
                 f"Got {len(generator)} generators for {prompt_batch} prompts x {num_images_per_prompt} images: "
                 f"give one generator or {prompt_batch * num_images_per_prompt}."
             )
-        scale = _single(brushnet_conditioning_scale, "brushnet_conditioning_scale")
-        start = _single(control_guidance_start, "control_guidance_start")
-        end = _single(control_guidance_end, "control_guidance_end")
-        if not 0.0 <= start < end <= 1.0:
-            raise ValueError(
-                f"Need 0 <= control_guidance_start < control_guidance_end <= 1; got start={start}, end={end}."
-            )
-        if blend_kernel < 1 or blend_kernel % 2 == 0:
-            raise ValueError(f"`blend_kernel` must be a positive odd number; got {blend_kernel}.")
+        scale = check_conditioning_scale(_single(brushnet_conditioning_scale, "brushnet_conditioning_scale"))
+        start, end = check_control_window(_single(control_guidance_start, "control_guidance_start"),
+                                          _single(control_guidance_end, "control_guidance_end"))
+        check_blend_kernel(blend_kernel)
         check_brushnet_matches_unet(self.brushnet, self.unet)
         return scale, start, end
+
+    def check_sampling_inputs(self, num_inference_steps, timesteps, guidance_scale, num_images_per_prompt,
+                              eta=0.0) -> None:
+        """The sampler's numbers, before any work: steps, guidance, images per prompt, eta."""
+        if timesteps is None:
+            check_steps(num_inference_steps, num_train_timesteps=self.scheduler.config.num_train_timesteps)
+        elif len(timesteps) == 0:
+            raise ValueError("`timesteps` is empty: give at least one timestep, or num_inference_steps instead.")
+        check_guidance(guidance_scale)
+        check_num_images(num_images_per_prompt)
+        check_number(eta, "eta", low=0.0, high=1.0)
+
+    def check_schedule(self, timesteps) -> None:
+        """Refuse a schedule the sampler cannot take (two steps on one timestep: a NaN image)."""
+        check_schedule(timesteps, getattr(self.scheduler, "sigmas", None))
 
     def prepare_brushnet_inputs(self, image, mask, height, width, batch_size, device):
         """Preprocess image and mask once per call.
@@ -174,7 +206,20 @@ class BrushNetPipelineMixin:
     def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
 
-    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
+    # The schedule's last `strength` fraction, cut as diffusers' img2img and inpainting pipelines cut it.
+    get_timesteps = StableDiffusionInpaintPipeline.get_timesteps
+
+    def check_strength(self, strength, num_inference_steps: int) -> None:
+        check_number(strength, "strength", low=0.0, high=1.0, low_inclusive=False)
+        if int(num_inference_steps * strength) < 1:
+            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} leaves no denoising "
+                             f"step: use strength >= {1 / num_inference_steps:.3g} or more steps.")
+
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None,
+                        image=None, timestep=None):
+        """The starting latents: noise for the whole schedule or, with `image` (pixels in [-1, 1],
+        strength < 1), the image's latent noised to `timestep` as diffusers' inpainting pipelines
+        start. Given `latents` are used as that noise."""
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -182,34 +227,52 @@ class BrushNetPipelineMixin:
             raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
         else:
             latents = latents.to(device)
-        return latents * self.scheduler.init_noise_sigma
+        if image is None:
+            return latents * self.scheduler.init_noise_sigma
+        # The images of a call repeat each row num_images_per_prompt times: encode each once.
+        distinct, rows = torch.unique_consecutive(image, dim=0, return_inverse=True)
+        with torch.no_grad():
+            image_latents = self._vae_encode(distinct.to(device))[rows.to(device)] * self.vae.config.scaling_factor
+        return self.scheduler.add_noise(image_latents.to(dtype), latents, timestep.repeat(batch_size))
 
     # -- one denoising step -------------------------------------------------------------------
 
     def predict_noise(self, latent_model_input, t, prompt_embeds, conditioning, scale, *, guess_mode,
-                      unet_kwargs, brushnet_added_cond_kwargs=None):
+                      unet_kwargs, brushnet_added_cond_kwargs=None, brushnet_prompt_embeds=None):
         """The UNet's noise prediction (before CFG) with BrushNet's residuals for this step.
 
         Under CFG the branch runs once for both halves when its input is the same for both (an SD1.5
         BrushNet sees no text); an SDXL BrushNet reads the pooled text through its add-embedding,
-        so there it runs on the full batch. Guess mode runs it on the conditional half only and
-        gives the unconditional half no residual. At scale 0 the branch is skipped entirely.
+        and a PowerPaint branch reads `brushnet_prompt_embeds` (its own `[negative; positive]` task
+        prompts) through cross-attention, so those run on the full batch. Guess mode runs it on the
+        conditional half only and gives the unconditional half no residual. At scale 0 the branch
+        is skipped entirely. `conditioning` has one row per image, or already one per CFG row.
         """
         if scale == 0.0:
             return self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False,
                              **unet_kwargs)[0]
         cfg = self.do_classifier_free_guidance
-        text_free = _unwrap(self.brushnet).config.addition_embed_type is None
+        branch = _unwrap(self.brushnet)
+        if branch.has_attention and brushnet_prompt_embeds is None:
+            raise ValueError(
+                "This branch has cross-attention (a PowerPaint BrushNet) and needs its task prompts: use "
+                "StableDiffusionPowerPaintPipeline."
+            )
+        if brushnet_prompt_embeds is None:
+            brushnet_prompt_embeds = prompt_embeds
+        text_free = branch.config.addition_embed_type is None and not branch.has_attention
         half_batch = cfg and (guess_mode or text_free)
         if half_batch:
             branch_input = latent_model_input.chunk(2)[1]
-            branch_embeds = prompt_embeds.chunk(2)[1]
+            branch_embeds = brushnet_prompt_embeds.chunk(2)[1]
             branch_added = (None if brushnet_added_cond_kwargs is None
                             else {k: v.chunk(2)[1] for k, v in brushnet_added_cond_kwargs.items()})
             branch_cond = conditioning
         else:
-            branch_input, branch_embeds, branch_added = latent_model_input, prompt_embeds, brushnet_added_cond_kwargs
-            branch_cond = torch.cat([conditioning] * 2) if cfg else conditioning
+            branch_input, branch_embeds = latent_model_input, brushnet_prompt_embeds
+            branch_added = brushnet_added_cond_kwargs
+            doubled = cfg and conditioning.shape[0] != branch_input.shape[0]
+            branch_cond = torch.cat([conditioning] * 2) if doubled else conditioning
         down, mid, up = self.brushnet(
             branch_input, t, encoder_hidden_states=branch_embeds, brushnet_cond=branch_cond,
             conditioning_scale=scale, guess_mode=guess_mode, added_cond_kwargs=branch_added, return_dict=False,

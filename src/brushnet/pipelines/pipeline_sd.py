@@ -111,19 +111,25 @@ class StableDiffusionBrushNetPipeline(
         mask_image=None,
         blend: bool = False,
         blend_kernel: int = 21,
+        strength: float = 1.0,
     ):
         """Inpaint `image` where `mask` is white, guided by `prompt`.
 
         Arguments are those of the reference `StableDiffusionBrushNetPipeline` (and of diffusers'
         ControlNet pipelines), plus `mask_image` (alias of `mask`), `blend` (paste the result over
-        the original through a blurred mask, kernel `blend_kernel`). Unknown keywords raise
-        `TypeError`. Returns `StableDiffusionPipelineOutput(images, nsfw_content_detected)`.
+        the original through a blurred mask, kernel `blend_kernel`) and `strength` (in (0, 1]: start
+        from the image's own latent noised to that fraction of the schedule and run only that
+        fraction of the steps, as diffusers' inpainting pipeline does; 1.0, the default, starts
+        from pure noise). Unknown keywords raise `TypeError`. Returns
+        `StableDiffusionPipelineOutput(images, nsfw_content_detected)`.
         """
         # 1. Check inputs
         mask = _resolve_mask(mask, mask_image)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta)
+        self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
         scale, start, end = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
@@ -145,6 +151,22 @@ class StableDiffusionBrushNetPipeline(
         )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        return self.inpaint_from_embeds(
+            image, mask, height, width, total, device, prompt_embeds, negative_prompt_embeds,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, strength=strength, generator=generator,
+            latents=latents, eta=eta, scale=scale, start=start, end=end, guess_mode=guess_mode,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
+            output_type=output_type, blend=blend, blend_kernel=blend_kernel, return_dict=return_dict,
+        )
+
+    def inpaint_from_embeds(self, image, mask, height, width, total, device, prompt_embeds, negative_prompt_embeds,
+                            *, num_inference_steps, timesteps, strength, generator, latents, eta, scale, start, end,
+                            guess_mode, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end,
+                            callback_tensor_inputs, output_type, blend, blend_kernel, return_dict, branch_kwargs=None):
+        """Steps 3-6 of a call, once the prompts are encoded (`prompt_embeds` CFG-doubled as
+        `[negative; positive]`): image and mask, timesteps, denoising, decoding. `branch_kwargs` go
+        to every branch call (the PowerPaint pipeline passes its task prompts)."""
         unet_kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs}
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
@@ -158,9 +180,12 @@ class StableDiffusionBrushNetPipeline(
 
         # 4. Timesteps and initial latents
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        self.check_schedule(timesteps)
+        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(
-            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents,
+            image=pixels if strength < 1.0 else None, timestep=timesteps[:1],
         )
         if self.unet.config.time_cond_proj_dim is not None:
             guidance = torch.tensor(self.guidance_scale - 1).repeat(total)
@@ -180,7 +205,7 @@ class StableDiffusionBrushNetPipeline(
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
                 noise_pred = self.predict_noise(
                     latent_model_input, t, prompt_embeds, conditioning, scales[i],
-                    guess_mode=guess_mode, unet_kwargs=unet_kwargs,
+                    guess_mode=guess_mode, unet_kwargs=unet_kwargs, **(branch_kwargs or {}),
                 )
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
@@ -190,9 +215,7 @@ class StableDiffusionBrushNetPipeline(
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,
                                  "negative_prompt_embeds": negative_prompt_embeds}
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    )
+                    outputs = callback_on_step_end(self, i, t, {k: available[k] for k in callback_tensor_inputs})
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):

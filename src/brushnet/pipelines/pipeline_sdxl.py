@@ -150,13 +150,16 @@ class StableDiffusionXLBrushNetPipeline(
         mask_image=None,
         blend: bool = False,
         blend_kernel: int = 21,
+        strength: float = 1.0,
     ):
         """Inpaint `image` where `mask` is white, guided by `prompt` (and `prompt_2`).
 
         Arguments are those of the reference `StableDiffusionXLBrushNetPipeline`, plus `timesteps`,
-        `mask_image` (alias of `mask`) and `blend`/`blend_kernel` (blurred blending over the
-        original). `original_size` defaults to the processed image size. Unknown keywords raise
-        `TypeError`. Returns `StableDiffusionXLPipelineOutput(images)`.
+        `mask_image` (alias of `mask`), `blend`/`blend_kernel` (blurred blending over the
+        original) and `strength` (in (0, 1]: start from the image's latent noised to that fraction
+        of the schedule, as in StableDiffusionBrushNetPipeline). `original_size` defaults to the
+        processed image size. Unknown keywords raise `TypeError`. Returns
+        `StableDiffusionXLPipelineOutput(images)`.
         """
         # 1. Check inputs
         mask = _resolve_mask(mask, mask_image)
@@ -165,6 +168,8 @@ class StableDiffusionXLBrushNetPipeline(
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta)
+        self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
         scale, start, end = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
@@ -196,9 +201,12 @@ class StableDiffusionXLBrushNetPipeline(
 
         # 4. Timesteps and initial latents
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        self.check_schedule(timesteps)
+        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(
-            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents,
+            image=pixels if strength < 1.0 else None, timestep=timesteps[:1],
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         scales = brushnet_scale_schedule(scale, start, end, len(timesteps))

@@ -29,6 +29,7 @@ from .inputs import (
     open_uploaded_mask,
     outpaint_sides,
     random_seed,
+    unreadable_upload,
 )
 
 DEVICE_QUEUE = "device"  # the one concurrency id of every generation: they share the device
@@ -51,7 +52,7 @@ def import_gradio():
     try:
         import gradio
     except ImportError:
-        from ..cli import UserError
+        from ..options import UserError
 
         raise UserError(INSTALL_HINT) from None
     return gradio
@@ -60,8 +61,9 @@ def import_gradio():
 def build_app(service: GenerationService):
     """The Blocks app of `service`, queued (one generation at a time), not yet launched."""
     gr = import_gradio()
+    guard = lambda component, what: _guarded(gr, component, what, service.limits)  # noqa: E731
     with gr.Blocks(title="BrushNet", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
-        page = _layout(gr, service)
+        page = _layout(gr, guard, service)
         _connect(gr, service, page)
     app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return app
@@ -76,7 +78,25 @@ def launch_options(service: GenerationService, host: str, port: int, auth: tuple
 
 # -- layout -----------------------------------------------------------------------------------
 
-def _layout(gr, service: GenerationService) -> SimpleNamespace:
+def _guarded(gr, component, what: str, limits):
+    """`component` (an instance) whose failures to decode an upload reach the page as one sentence;
+    gradio's own message spans lines and shows the server's temporary file paths. (A subclass would
+    do as well, but gradio writes a .pyi stub beside the module of every component class defined.)"""
+    preprocess = component.preprocess
+
+    def guarded(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for a damaged or hostile file
+            raise gr.Error(unreadable_upload(error, what, limits), print_exception=False) from None
+
+    component.preprocess = guarded
+    return component
+
+
+def _layout(gr, guard, service: GenerationService) -> SimpleNamespace:
     registry = service.registry
     page = SimpleNamespace()
     gr.Markdown("## BrushNet inpainting\n" + INTRO)
@@ -88,9 +108,9 @@ def _layout(gr, service: GenerationService) -> SimpleNamespace:
                                               elem_id="negative-prompt")
             with gr.Tabs():
                 with gr.Tab("Inpaint", id="inpaint"):
-                    _inpaint_tab(gr, page)
+                    _inpaint_tab(gr, guard, page)
                 with gr.Tab("Outpaint", id="outpaint"):
-                    _outpaint_tab(gr, page)
+                    _outpaint_tab(gr, guard, page)
             with gr.Accordion("Settings", open=True):
                 _settings(gr, page)
         with gr.Column(scale=2):
@@ -102,26 +122,26 @@ def _layout(gr, service: GenerationService) -> SimpleNamespace:
     return page
 
 
-def _inpaint_tab(gr, page) -> None:
+def _inpaint_tab(gr, guard, page) -> None:
     with gr.Row():
-        page.editor = gr.ImageEditor(
+        page.editor = guard(gr.ImageEditor(
             label="Image (upload, then paint the hole)", type="pil", sources=["upload", "clipboard"],
             # No crop or resize: the painted layer must keep the image's own pixel grid.
             transforms=[], layers=False, format="png", elem_id="editor", scale=3,
             brush=gr.Brush(colors=[("#ff00ff", 0.6)], color_mode="fixed"), eraser=gr.Eraser(),
-        )
+        ), "image")
         with gr.Column(scale=2):
             page.preview = gr.Image(label="Masked image (magenta = to fill)", interactive=False, format="png",
                                     height=240, elem_id="preview")
-            page.mask = gr.Image(label="Or upload a mask (white = fill)", type="filepath", image_mode=None,
-                                 sources=["upload"], height=200, elem_id="mask-upload")
+            page.mask = guard(gr.Image(label="Or upload a mask (white = fill)", type="filepath", image_mode=None,
+                                       sources=["upload"], height=200, elem_id="mask-upload"), "mask")
             page.invert = gr.Checkbox(label="Invert the mask (fill what is not painted)", elem_id="invert")
     page.inpaint_button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
 
 
-def _outpaint_tab(gr, page) -> None:
-    page.outpaint_image = gr.Image(label="Image to extend", type="filepath", image_mode=None, sources=["upload"],
-                                   elem_id="outpaint-image")
+def _outpaint_tab(gr, guard, page) -> None:
+    page.outpaint_image = guard(gr.Image(label="Image to extend", type="filepath", image_mode=None,
+                                         sources=["upload"], elem_id="outpaint-image"), "image")
     with gr.Row():
         page.sides = [gr.Number(0, label=f"{side} (px)", precision=0, minimum=0, maximum=MAX_OUTPAINT_SIDE,
                                 elem_id=f"outpaint-{side}") for side in ("left", "right", "top", "bottom")]

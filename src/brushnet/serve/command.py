@@ -51,7 +51,7 @@ def add_serve_command(commands) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import UserError
+    from ..options import UserError
     from .app import build_app, import_gradio, launch_options
 
     import_gradio()  # before any model work: a missing gradio is the first thing to report
@@ -78,20 +78,24 @@ def cmd_serve(args) -> int:
 
 def build_service(args):
     """The models, limits and device of the command line, every --models entry checked."""
-    from ..cli import _device, _dtype, check_scheduler
+    from ..arguments import check_number
+    from ..options import check_scheduler, resolve_device, resolve_dtype, user_checked
     from .generation import GenerationService
     from .inputs import UploadLimits
     from .models import LoadOptions, ModelRegistry, check_model_entry, demo_entry, parse_model_entry
 
-    limits = UploadLimits(max_pixels=args.max_pixels, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    user_checked(check_number, args.port, "--port", low=1, high=65535, integer=True)
+    user_checked(check_number, args.max_pixels, "--max-pixels", low=1, integer=True)
+    user_checked(check_number, args.max_upload_mb, "--max-upload-mb", low=0, low_inclusive=False, high=2**20)
+    limits = UploadLimits(max_pixels=args.max_pixels, max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)))
     configured = [parse_model_entry(text) for text in args.models]
     for entry in configured:
         check_model_entry(entry, allow_pickle=args.allow_pickle)
     demo = demo_entry()
     entries = configured + ([demo] if demo else [])
-    device = _device(args.device)
+    device = resolve_device(args.device)
     check_scheduler(args.scheduler)
-    options = LoadOptions(device=device, dtype=_dtype(args.dtype, device), scheduler=args.scheduler,
+    options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), scheduler=args.scheduler,
                           offload=args.offload, allow_pickle=args.allow_pickle)
     default = configured[0].name if configured else (demo.name if demo else None)
     return GenerationService(ModelRegistry(entries, options, default=default), limits)
@@ -102,7 +106,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
-        from ..cli import UserError
+        from ..options import UserError
 
         raise UserError("--auth must be USER:PASS, both non-empty (e.g. --auth alice:s3cret)")
     return user, password

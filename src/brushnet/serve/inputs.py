@@ -7,11 +7,13 @@ fix; the page shows it as is. Nothing here imports gradio, so it is tested witho
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 
+from ..arguments import check_text
 from ..inpaint import InpaintSettings
 from ..masks import load_mask, open_image
 
@@ -60,6 +62,19 @@ def check_pixels(size: tuple[int, int], limits: UploadLimits, what: str) -> None
         )
 
 
+def unreadable_upload(error: BaseException, what: str, limits: UploadLimits) -> str:
+    """One sentence for an upload gradio itself could not decode, naming the limit or the problem
+    (gradio's own message spans lines and shows the server's temporary paths)."""
+    if isinstance(error, PIL.Image.DecompressionBombError):
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        return (f"The {what} has {pixels}, more than this server's limit of {limits.max_pixels:,} (--max-pixels): "
+                "downscale it, or crop it around the part to edit.")
+    if isinstance(error, MemoryError):
+        return f"The {what} is too large for this server to decode: downscale it."
+    return f"The {what} file is not an image this server can read: upload a PNG, JPEG or WebP."
+
+
 def check_file(path: str | os.PathLike, limits: UploadLimits, what: str) -> None:
     """Refuse a file over the byte limit, or an image over the pixel limit, before decoding it."""
     size = os.path.getsize(path)
@@ -71,8 +86,8 @@ def check_file(path: str | os.PathLike, limits: UploadLimits, what: str) -> None
     try:
         with PIL.Image.open(path) as image:  # reads the header only
             dimensions = image.size
-    except (PIL.UnidentifiedImageError, OSError):
-        raise InputError(f"The {what} file is not an image PIL can read: upload a PNG, JPEG or WebP.") from None
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for a damaged or hostile header
+        raise InputError(unreadable_upload(error, what, limits)) from None
     check_pixels(dimensions, limits, what)
 
 
@@ -174,6 +189,11 @@ def outpaint_sides(left, right, top, bottom) -> dict[str, int]:
 def generation_settings(prompt, negative_prompt, steps, guidance, scale, start, end, seed, num_images,
                         blend, blend_kernel, crop_to_mask) -> InpaintSettings:
     """The form's values as `InpaintSettings`, each checked; seed -1 (or None) means a random one."""
+    for text, what in ((prompt, "The prompt"), (negative_prompt, "The negative prompt")):
+        try:
+            check_text(text, what)
+        except ValueError as error:
+            raise InputError(str(error)) from None
     prompt = (prompt or "").strip()
     if not prompt:
         raise InputError("The prompt is empty: describe what to paint in the hole.")

@@ -176,7 +176,7 @@ def load_entry(entry: ModelEntry, options: LoadOptions) -> tuple[object, dict]:
     """Load an entry as the CLI loads --base/--brushnet; returns the pipeline and what outputs record."""
     import torch
 
-    from ..cli import load_pipeline_from_args, model_params
+    from ..options import load_pipeline_from_args, model_params
 
     args = Namespace(base=entry.base, brushnet=entry.brushnet, base_config=None, allow_pickle=options.allow_pickle,
                      scheduler=options.scheduler, offload="none" if entry.demo else options.offload,

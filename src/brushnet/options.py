@@ -1,0 +1,158 @@
+"""Command-line plumbing shared by `brushnet inpaint/outpaint`, `brushnet serve` and `brushnet bench`:
+the user-error type, the model options and their loading, device and precision, and the checks of
+every number and text a user types, made before any model loads.
+
+It imports nothing heavy at module level, and neither `cli.py`, `serve/` nor `evaluation/`: each of
+them imports this module, never one another.
+"""
+
+import sys
+
+from . import __version__
+from .arguments import (
+    check_blend_kernel,
+    check_conditioning_scale,
+    check_control_window,
+    check_guidance,
+    check_num_images,
+    check_number,
+    check_seed,
+    check_steps,
+    check_text,
+)
+
+ONE_MODEL = ("--base and --brushnet go together: pass both (a base model and a BrushNet of the same family), "
+             "or neither to use the built-in demo model")
+# Every Stable Diffusion base is trained on 1000 timesteps; the pipeline checks its own scheduler again.
+TRAINING_TIMESTEPS = 1000
+
+
+class UserError(ValueError):
+    """A mistake in the command line, reported as one line without a traceback."""
+
+
+def add_model_options(parser, demo_default: bool = True) -> None:
+    """--base/--brushnet and how to load them. `demo_default`: without either, the demo model is used."""
+    group = parser.add_argument_group("model")
+    default = " (default, with no --brushnet either: the built-in demo model)" if demo_default else ""
+    group.add_argument("--base", help=f"base model: diffusers folder, hub id or single .safetensors file{default}")
+    group.add_argument("--brushnet", help="BrushNet: folder, hub id or single .safetensors file")
+    group.add_argument("--base-config", metavar="DIR",
+                       help="diffusers folder with the configs for a single-file --base (needed offline)")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="allow .ckpt/.bin/.pt checkpoints (pickles can run code: only for files you trust)")
+    group.add_argument("--scheduler", default="unipc", help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, "
+                                                           "euler_a or pndm")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="weights precision (auto: fp16 on GPU, fp32 on CPU)")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                       help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
+
+
+# -- checks of what the user typed ---------------------------------------------------------------
+
+def user_checked(check, *args, **kwargs):
+    """Run an `arguments` check, its ValueError becoming a UserError (one line, no traceback)."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as error:
+        raise UserError(str(error).rstrip(".")) from None
+
+
+def check_generation_args(args) -> None:
+    """Every generation number of inpaint/outpaint/bench, named by its flag, before anything loads."""
+    user_checked(check_steps, args.steps, "--steps", TRAINING_TIMESTEPS)
+    user_checked(check_guidance, args.guidance, "--guidance")
+    user_checked(check_conditioning_scale, args.scale, "--scale")
+    user_checked(check_control_window, args.start, args.end, ("--start", "--end"))
+    num_images = getattr(args, "num_images", 1)
+    user_checked(check_num_images, num_images, "--num-images")
+    if args.seed is not None and args.seed != -1:  # -1: a random seed, as in the web UI
+        user_checked(check_seed, args.seed, "--seed", num_images)
+    if args.blend_kernel is not None:
+        user_checked(check_blend_kernel, args.blend_kernel, "--blend-kernel")
+    if getattr(args, "context", None) is not None:
+        user_checked(check_number, args.context, "--context", low=0.0, high=10.0)
+    if getattr(args, "strength", None) is not None:
+        user_checked(check_number, args.strength, "--strength", low=0.0, high=1.0, low_inclusive=False)
+    for name in ("prompt", "negative_prompt"):
+        user_checked(check_text, getattr(args, name, None), "--" + name.replace("_", "-"))
+
+
+# -- device, precision and models -----------------------------------------------------------------
+
+def resolve_device(name: str, process_device: str | None = None) -> str:
+    """The torch device for --device; under a multi-process launch, this process's own GPU."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise UserError("--device mps: no Apple GPU (MPS) is available here; use --device cpu or auto")
+    if process_device and process_device.startswith("cuda") and name in ("auto", "cuda"):
+        return process_device
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def check_scheduler(name: str) -> None:
+    from .schedulers import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def load_pipeline_from_args(args, device: str, dtype):
+    """The pipeline of --base/--brushnet with --scheduler, on --device or offloaded as --offload says."""
+    from .loading import load_pipeline
+    from .schedulers import make_scheduler
+
+    if bool(args.base) != bool(args.brushnet):
+        raise UserError(ONE_MODEL)
+    if not args.base:
+        from .demo.model import DEMO_NOTICE, demo_model_dir
+
+        folder = demo_model_dir()
+        args.base, args.brushnet = str(folder), str(folder / "brushnet")
+        args.demo_model = True
+        print(DEMO_NOTICE, file=sys.stderr)
+    check_scheduler(args.scheduler)
+    if args.offload != "none" and device == "cpu":
+        raise UserError("--offload needs a GPU (--device cuda or mps)")
+    pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
+                         base_config=args.base_config)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.offload == "none":
+        pipe.to(device)
+    elif args.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe
+
+
+def model_params(args, dtype) -> dict:
+    """What outputs record about the models: names, weight fingerprints, scheduler, precision."""
+    from .demo.model import DEMO_MODEL_NAME
+    from .metadata import model_fingerprint
+
+    names = ((DEMO_MODEL_NAME, DEMO_MODEL_NAME + " (brushnet)") if getattr(args, "demo_model", False)
+             else (str(args.base), str(args.brushnet)))
+    return {"base": names[0], "brushnet": names[1], "base_hash": model_fingerprint(args.base),
+            "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
+            "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}

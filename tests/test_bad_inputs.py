@@ -1,0 +1,338 @@
+"""What a careless or unlucky user gives the CLI and the pipelines: impossible numbers, hostile or
+broken files, text that is not UTF-8, BrushNets that do not fit their base. Each gets one clear
+line (CLI) or one ValueError (Python), before any model loads where that is possible, and nothing
+half-written or garbage is left behind."""
+
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline
+from brushnet.cli import main
+from brushnet.inpaint import IMAGES_PER_CALL, InpaintSettings, inpaint
+from brushnet.loading import ModelLoadError, check_model_pair, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def base(golden):
+    return golden("sd15_tiny_pipeline").dir
+
+
+@pytest.fixture(scope="module")
+def models(base):
+    return ["--base", str(base), "--brushnet", str(base / "brushnet"), "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def pipe(base):
+    pipe = StableDiffusionBrushNetPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    return tmp_path / "p.png", tmp_path / "m.png"
+
+
+def _one_line_error(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("brushnet: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _png_claiming(path, width, height):
+    """A tiny PNG whose header claims width x height (a decompression bomb's first bytes)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model starts loading: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("brushnet.loading.load_pipeline", refuse)
+
+
+# -- numbers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps must be a whole number in [1, 1000]; got 0"),
+    (["--steps", "-1"], "--steps must be a whole number in [1, 1000]; got -1"),
+    (["--steps", "3000"], "--steps must be a whole number in [1, 1000]; got 3000"),
+    (["--guidance", "nan"], "--guidance must be a number in [0, 100]; got nan"),
+    (["--guidance", "inf"], "--guidance must be a number in [0, 100]; got inf"),
+    (["--guidance", "-2"], "--guidance must be a number in [0, 100]"),
+    (["--scale", "nan"], "--scale must be a number in [0, 10]"),
+    (["--start", "nan"], "--start must be a number in [0, 1]"),
+    (["--start", "0.5", "--end", "0.5"], "--start must be less than --end"),
+    (["--num-images", "0"], "--num-images must be a whole number in [1, 1000]"),
+    (["--num-images", "5000"], "--num-images must be a whole number in [1, 1000]"),
+    (["--seed", "-5"], "--seed must be a whole number in [0, "),
+    (["--seed", str(2**63)], "--seed must be a whole number in [0, "),
+    (["--blend-kernel", "4"], "--blend-kernel must be odd"),
+    (["--blend-kernel", "0"], "--blend-kernel must be a whole number in [1, 1001]"),
+    (["--context", "nan"], "--context must be a number in [0, 10]"),
+    (["--dilate", "-1"], "--dilate must be >= 0"),
+    (["--mask-threshold", "300"], "threshold must be between 0 and 255"),
+])
+def test_impossible_numbers_are_one_line_before_any_model_loads(photo, extra, message, no_model_load, capsys):
+    image, mask = photo
+    line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x", *extra], capsys)
+    assert message in line
+    assert not (image.parent / "p-inpainted.png").exists()
+
+
+def test_outpaint_numbers(photo, no_model_load, capsys):
+    image, _ = photo
+    assert "canvas would be" in _one_line_error(["outpaint", str(image), "--left", "100000", "--top", "9000", "-p", "x"], capsys)
+    assert "--guidance must be" in _one_line_error(["outpaint", str(image), "--left", "8", "-p", "x",
+                                                    "--guidance", "nan"], capsys)
+
+
+def test_steps_the_scheduler_cannot_space_are_refused(photo, models, capsys):
+    # UniPC over 1000 training timesteps: 1000 steps put two on one timestep, and the image came back NaN (black).
+    image, mask = photo
+    line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x", *models, "--steps", "1000"], capsys)
+    assert "1000 denoising steps are more than this scheduler can space" in line and "at most 999" in line
+    assert not (image.parent / "p-inpainted.png").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_inference_steps": 0}, "num_inference_steps must be a whole number in [1, 1000]; got 0"),
+    ({"num_inference_steps": -1}, "num_inference_steps must be"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps must be a whole number"),
+    ({"num_inference_steps": 1000}, "1000 denoising steps are more than this scheduler can space"),
+    ({"num_inference_steps": 3000}, "num_inference_steps must be"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a number"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a number"),
+    ({"brushnet_conditioning_scale": float("nan")}, "brushnet_conditioning_scale must be"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"),
+    ({"eta": float("nan")}, "eta must be"),
+    ({"timesteps": []}, "`timesteps` is empty"),
+])
+def test_pipeline_refuses_impossible_numbers(pipe, base, kwargs, message):
+    image = Image.open(base / "init_image.png").convert("RGB")
+    mask = Image.open(base / "mask.png")
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            pipe("x", image=image, mask=mask, **{"num_inference_steps": 2, **kwargs})
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_pipeline_refuses_an_image_its_vae_cannot_take_whole(pipe, base):
+    # The tiny VAE's factor is 2 (8 for real models): 31x31 used to come back 30x30 without a word.
+    image = Image.open(base / "init_image.png").convert("RGB").resize((31, 31))
+    mask = Image.open(base / "mask.png").resize((31, 31))
+    with pytest.raises(ValueError, match=r"31x31 \(WxH\): its width and height must be multiples of 2"):
+        pipe("x", image=image, mask=mask, num_inference_steps=1)
+    # inpaint() works at any size: it resizes to the model's working size and back.
+    out = inpaint(pipe, image, mask, InpaintSettings(prompt="x", steps=1))
+    assert out[0].size == (31, 31)
+
+
+def test_many_images_are_made_in_chunks_with_their_own_seeds(pipe, base, monkeypatch):
+    image = Image.open(base / "init_image.png").convert("RGB")
+    mask = Image.open(base / "mask.png")
+    sizes = []
+    real = type(pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        sizes.append(kwargs["num_images_per_prompt"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    many = inpaint(pipe, image, mask, InpaintSettings(prompt="x", steps=2, seed=7, num_images=IMAGES_PER_CALL + 2))
+    assert sizes == [IMAGES_PER_CALL, 2]
+    alone = inpaint(pipe, image, mask, InpaintSettings(prompt="x", steps=2, seed=7 + IMAGES_PER_CALL + 1))
+    difference = np.abs(np.asarray(many[-1], dtype=int) - np.asarray(alone[0], dtype=int)).max()
+    assert difference <= 1  # the same seed gives the same image, whatever batch it was made in
+
+
+# -- text -----------------------------------------------------------------------------------------
+
+def test_prompt_that_is_not_utf8(photo, tmp_path, no_model_load, capsys):
+    image, mask = photo
+    # Undecodable bytes in argv reach Python as lone surrogates (os.fsdecode).
+    bad = os.fsdecode(b"a red \xff ball")
+    assert "--prompt is not valid UTF-8" in _one_line_error(["inpaint", str(image), str(mask), "-p", bad], capsys)
+    assert "--negative-prompt is not valid UTF-8" in _one_line_error(
+        ["inpaint", str(image), str(mask), "-p", "x", "-n", bad], capsys)
+    folder, masks = tmp_path / "images", tmp_path / "masks"
+    folder.mkdir(), masks.mkdir()
+    os.replace(image, folder / "p.png"), os.replace(mask, masks / "p.png")
+    (folder / "prompts.txt").write_bytes(b"p: a red \xff ball\n")
+    line = _one_line_error(["inpaint", str(folder), str(masks)], capsys)
+    assert "prompts.txt is not UTF-8 text" in line
+
+
+def test_a_very_long_prompt_gets_one_short_notice(photo, models, capfd, caplog):
+    image, mask = photo
+    prompt = " ".join(["red"] * 5000)
+    with caplog.at_level(logging.WARNING):
+        assert main(["inpaint", str(image), str(mask), "-p", prompt, *models, "--out", str(image.parent / "o.png")]) == 0
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and "is 5002 tokens long; the text encoder reads only the first 77" in notices[0]
+    assert len(notices[0]) < 200
+    err = capfd.readouterr().err  # diffusers' and transformers' own warnings repeat the dropped text
+    assert err.count("red") < 20 and len(err) < 2000, len(err)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def test_image_claiming_too_many_pixels_is_one_line(photo, tmp_path, no_model_load, capsys):
+    _, mask = photo
+    _png_claiming(tmp_path / "huge.png", 20000, 20000)
+    line = _one_line_error(["inpaint", str(tmp_path / "huge.png"), str(mask), "-p", "x"], capsys)
+    assert "claims 400,000,000 pixels" in line and "decompression bombs" in line
+    line = _one_line_error(["inpaint", str(photo[0]), str(tmp_path / "huge.png"), "-p", "x"], capsys)
+    assert "mask file" in line and "claims 400,000,000 pixels" in line
+
+
+def test_a_batch_carries_on_past_broken_files_and_names_them(tmp_path, models, capsys):
+    images, masks, out = tmp_path / "i", tmp_path / "m", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c", "d"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{name}.png")
+        hole = np.zeros((16, 16), dtype=np.uint8)
+        hole[4:12, 4:12] = 255
+        Image.fromarray(hole).save(masks / f"{name}.png")
+    whole = (images / "b.png").read_bytes()
+    (images / "b.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    _png_claiming(images / "c.png", 20000, 20000)
+    line = _one_line_error(["inpaint", str(images), str(masks), "-p", "x", "--out", str(out), *models], capsys)
+    assert line.startswith("brushnet: error: 2 of 4 input(s) could not be processed: b.png (")
+    assert "c.png (" in line and "damaged" in line and "claims 400,000,000 pixels" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "d.png"]
+    # A second run skips the finished ones and still names the broken ones.
+    _one_line_error(["inpaint", str(images), str(masks), "-p", "x", "--out", str(out), *models], capsys)
+
+
+def test_outputs_get_the_permissions_of_ordinary_files(photo, models, tmp_path):
+    from brushnet.evaluation.report import write_text
+
+    image, mask = photo
+    previous = os.umask(0o022)
+    try:
+        assert main(["inpaint", str(image), str(mask), "-p", "x", *models, "--out", str(tmp_path / "r.png")]) == 0
+        write_text(tmp_path / "summary.md", "x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "r.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "summary.md").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+def _brushnet_variant(base, folder, **changes):
+    config = {k: v for k, v in json.loads((base / "brushnet" / "config.json").read_text()).items()
+              if not k.startswith("_")}
+    torch.manual_seed(0)
+    BrushNetModel(**{**config, **changes}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"conditioning_channels": 4}, "it takes 4 conditioning channels, where a masked-image latent and its mask are 5"),
+    ({"in_channels": 8}, "it reads 8-channel latents, the UNet's have 4"),
+    ({"layers_per_block": 1}, "its layers_per_block is 1, the UNet's 2"),
+])
+def test_a_brushnet_that_does_not_fit_is_refused_before_weights_load(base, tmp_path, changes, message,
+                                                                    monkeypatch, capsys):
+    folder = _brushnet_variant(base, tmp_path / "brushnet", **changes)
+    with pytest.raises(ModelLoadError, match=message):
+        check_model_pair(base, folder)
+    monkeypatch.setattr(BrushNetModel, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ModelLoadError, match=message):
+        load_pipeline(base, folder)
+    monkeypatch.undo()
+    line = _one_line_error(["inpaint", str(base / "init_image.png"), str(base / "mask.png"), "-p", "x",
+                            "--base", str(base), "--brushnet", str(folder)], capsys)
+    assert message in line
+    # A model object that does not fit is refused by the pipeline itself, saying what differs.
+    brushnet = BrushNetModel.from_pretrained(folder)
+    pipe = StableDiffusionBrushNetPipeline.from_pretrained(base, brushnet=BrushNetModel.from_pretrained(base / "brushnet"))
+    with pytest.raises(ValueError, match=message):
+        StableDiffusionBrushNetPipeline(**{**pipe.components, "brushnet": brushnet})("x", image=Image.new("RGB", (32, 32)),
+                                                                                     mask=Image.new("L", (32, 32), 255))
+
+
+# -- help and interruption ---------------------------------------------------------------------------
+
+def test_bench_help_does_not_promise_the_demo_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "demo model" not in capsys.readouterr().out
+
+
+def test_ctrl_c_during_start_up_is_one_line(photo):
+    image, mask = photo
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "brushnet", "inpaint", str(image), str(mask), "-p", "x"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.5)  # importing torch and diffusers
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    # 130, or death by SIGINT itself: CPython re-sends the signal at exit when the interrupt landed
+    # in code an extension ran through PyRun_* during an import, even though main() handled it.
+    assert process.returncode in (130, -signal.SIGINT), err
+    assert "Traceback" not in err and "interrupted" in err
+
+
+def test_out_naming_an_existing_folder_writes_inside_it(photo, models, tmp_path):
+    image, mask = photo
+    (tmp_path / "results").mkdir()
+    assert main(["inpaint", str(image), str(mask), "-p", "x", *models, "--out", str(tmp_path / "results")]) == 0
+    assert (tmp_path / "results" / "p-inpainted.png").is_file() and not (tmp_path / "results.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "99999"], "--port must be a whole number in [1, 65535]"),
+    (["serve", "--max-upload-mb", "nan"], "--max-upload-mb must be a number in (0, 1048576]"),
+    (["serve", "--max-pixels", "0"], "--max-pixels must be a whole number >= 1"),
+    (["inpaint", "x.png", "m.png", "-p", "x", "--device", "mps"], "--device mps: no Apple GPU"),
+])
+def test_server_and_device_options(argv, message, photo, capsys, monkeypatch):
+    pytest.importorskip("gradio")
+    monkeypatch.chdir(photo[0].parent)
+    if argv[0] == "inpaint":
+        argv = ["inpaint", "p.png", "m.png", *argv[3:]]
+    assert message in _one_line_error(argv, capsys)
+
+
+def test_the_command_line_starts_without_importing_torch():
+    # `brushnet --help` is instant, and Ctrl-C while the parser is built has nothing heavy to interrupt.
+    code = "import sys, brushnet.cli; brushnet.cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
