@@ -68,6 +68,37 @@ def test_errors(powerpaint, golden, tmp_path, capsys):
     err = _error([*run, "--task", "remove", "--base", str(base), "--brushnet", str(base / "brushnet"),
                   "--steps", "1"], capsys)
     assert "PowerPaint" in err
-    assert "--fitting-degree" in _error([*run, "--task", "shape-guided", "-p", "x", "--fitting-degree", "2",
-                                         *models], capsys)
+    assert "--fitting-degree must be a number in [0, 1]; got 2.0" in _error(
+        [*run, "--task", "shape-guided", "-p", "x", "--fitting-degree", "2", *models], capsys)
+    assert "--fitting-degree must be a number in [0, 1]; got nan" in _error(
+        [*run, "--task", "shape-guided", "-p", "x", "--fitting-degree", "nan", *models], capsys)
     assert "--prompt" in _error([*run, "--task", "shape-guided", *models], capsys)
+
+
+def test_a_folder_of_photos_for_object_removal_needs_no_prompts(powerpaint, tmp_path):
+    folder, models = powerpaint
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    for stem in ("a", "b"):
+        Image.open(folder / "init_image.png").save(images / f"{stem}.png")
+        Image.open(folder / "mask.png").save(masks / f"{stem}.png")
+    assert main(["inpaint", str(images), str(masks), "--task", "remove", "--out", str(out), *models]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert read_png_params(out / "a.png")["task"] == "object-removal"
+
+
+def test_convert_writes_a_safetensors_copy_of_the_text_encoder(powerpaint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    import torch
+
+    folder, _ = powerpaint
+    release = tmp_path / "PowerPaint_Brushnet"
+    release.mkdir()
+    for name in ("config.json", "pytorch_model.bin"):
+        shutil.copy(folder / "PowerPaint_Brushnet" / name, release)
+    assert main(["convert", str(tmp_path)]) == 0
+    copy = load_file(release / "text_encoder_brushnet.safetensors")
+    original = torch.load(release / "pytorch_model.bin", weights_only=True)
+    assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)

@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
     demo.set_defaults(func=cmd_demo)
 
+    convert = commands.add_parser(
+        "convert", help="write a safetensors copy of a PowerPaint release's pickled text encoder",
+        description="Write text_encoder_brushnet.safetensors beside a PowerPaint v2 release's pytorch_model.bin "
+                    "(the branch's text encoder: same tensors, same names), so the model loads without unpickling.")
+    convert.add_argument("path", metavar="PATH", help="the PowerPaint folder (PowerPaint_Brushnet/ or the one above "
+                                                      "it), or its pytorch_model.bin")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="also read a .bin that holds more than plain tensors (it can run code: only if trusted)")
+    convert.set_defaults(func=cmd_convert)
+
     info = commands.add_parser("info", help="print the generation parameters stored in an output PNG")
     info.add_argument("png", metavar="OUTPUT.png")
     info.set_defaults(func=cmd_info)
@@ -149,10 +159,7 @@ def _powerpaint_keywords(pipe, args, job) -> dict:
         return {}
     if "canvas" in job:
         task = "outpainting"
-    fitting = getattr(args, "fitting_degree", 1.0)
-    if not 0.0 <= fitting <= 1.0:
-        raise UserError(f"--fitting-degree must be between 0 and 1; got {fitting}")
-    return {"task": task, "fitting_degree": fitting}
+    return {"task": task, "fitting_degree": getattr(args, "fitting_degree", 1.0)}
 
 
 def _add_generation_options(parser) -> None:
@@ -330,6 +337,13 @@ def cmd_data_pack(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .loading import write_text_encoder_safetensors
+
+    print(f"wrote {write_text_encoder_safetensors(args.path, allow_pickle=args.allow_pickle)}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .metadata import read_png_params
 
@@ -370,14 +384,15 @@ def _inpaint_jobs(args) -> list[dict]:
         raise UserError(f"no mask in {mask} for {len(missing)} image(s), e.g. {', '.join(missing[:3])} "
                         "(masks are matched by file name without extension)")
     prompts = _read_prompts(args, image)
-    without = [p.name for p in images if p.stem not in prompts and not args.prompt]
+    prompt_free = TASK_CHOICES[args.task or "text-guided"] in PROMPT_FREE_TASKS
+    without = [] if prompt_free else [p.name for p in images if p.stem not in prompts and not args.prompt]
     if without:
         raise UserError(f"no prompt for {len(without)} image(s), e.g. {', '.join(without[:3])}: "
                         "pass --prompt for all or list them in --prompts")
     out_dir = Path(args.out) if args.out else Path("brushnet-out")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} must be a folder when IMAGE is a folder")
-    return [{"image": p, "mask": masks[p.stem], "prompt": prompts.get(p.stem, args.prompt), "batch": True,
+    return [{"image": p, "mask": masks[p.stem], "prompt": prompts.get(p.stem, args.prompt or ""), "batch": True,
              "outputs": _output_paths(out_dir / f"{p.stem}.png", args.num_images), "extra_params": {}}
             for p in images]
 

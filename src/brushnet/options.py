@@ -72,6 +72,8 @@ def check_generation_args(args) -> None:
         user_checked(check_seed, args.seed, "--seed", num_images)
     if args.blend_kernel is not None:
         user_checked(check_blend_kernel, args.blend_kernel, "--blend-kernel")
+    if getattr(args, "fitting_degree", None) is not None:
+        user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
     if getattr(args, "context", None) is not None:
         user_checked(check_number, args.context, "--context", low=0.0, high=10.0)
     if getattr(args, "strength", None) is not None:
