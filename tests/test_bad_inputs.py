@@ -336,3 +336,31 @@ def test_the_command_line_starts_without_importing_torch():
     code = "import sys, brushnet.cli; brushnet.cli.build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_folder_is_split_between_launched_processes(tmp_path, base):
+    # `accelerate launch -m brushnet inpaint FOLDER ...` on several GPUs; here two CPU processes.
+    images, masks, out = tmp_path / "i", tmp_path / "m", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(2)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{k}.png")
+        Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 4)).save(masks / f"{k}.png")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29519", "-m", "brushnet", "inpaint", str(images),
+         str(masks), "-p", "x", "--out", str(out), "--base", str(base), "--brushnet", str(base / "brushnet"),
+         "--steps", "1", "--seed", "0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 1 of 2: 3 of 5 input(s)" in result.stdout and "process 2 of 2: 2 of 5 input(s)" in result.stdout
+    written = sorted(line.split("/")[-1] for line in result.stdout.splitlines() if line.startswith("wrote "))
+    assert written == [f"{k}.png" for k in range(5)]  # each exactly once
+    assert sorted(p.name for p in out.iterdir()) == [f"{k}.png" for k in range(5)]
+
+
+def test_a_launch_that_cannot_split_is_refused(photo, monkeypatch, capsys, no_model_load):
+    image, mask = photo
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x"], capsys)
+    assert "splits a folder of images" in line

@@ -18,18 +18,19 @@ from brushnet.evaluation import metrics as M
 from brushnet.evaluation.benchmark import load_benchmark
 from brushnet.evaluation.cli import add_bench_command
 from brushnet.evaluation.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
     AestheticHead,
     AestheticScore,
     CLIPEmbedder,
     CLIPSimilarity,
-    CLIP_MEAN,
-    CLIP_STD,
     clip_preprocess,
 )
 from brushnet.evaluation.lpips import LPIPSSqueeze, MaskedLPIPS
-from brushnet.evaluation.runner import ProcessInfo, paper_settings, run_benchmark, shard
+from brushnet.evaluation.runner import paper_settings, run_benchmark
 from brushnet.masks import rle_encode
 from brushnet.metadata import read_png_params
+from brushnet.processes import ProcessInfo, shard
 
 GRID = 32  # small, and above SqueezeNet's (LPIPS) minimum of 17x17
 

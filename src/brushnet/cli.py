@@ -196,7 +196,9 @@ def _add_output_options(parser, batch: bool) -> None:
 
 def cmd_inpaint(args) -> int:
     check_generation_args(args)
-    jobs = _inpaint_jobs(args)
+    jobs, process_device = _share_of_launch(_inpaint_jobs(args))
+    if not jobs:
+        return 0
     if not jobs[0]["batch"] and not args.overwrite:
         _refuse_existing(jobs[0]["outputs"])
     todo = [job for job in jobs if args.overwrite or not all(p.exists() for p in job["outputs"])]
@@ -218,12 +220,28 @@ def cmd_inpaint(args) -> int:
             print(f"brushnet: skipping {job['image'].name}: {broken[job['image'].name]}", file=sys.stderr)
     good = [job for job in todo if job["image"].name not in broken]
     if good:
-        pipe, model_params = _load(args)
+        pipe, model_params = _load(args, process_device)
         broken.update(_run_jobs(pipe, model_params, args, good))
     if broken:
         names = ", ".join(f"{name} ({reason})" for name, reason in broken.items())
         raise UserError(f"{len(broken)} of {len(todo)} input(s) could not be processed: {names}")
     return 0
+
+
+def _share_of_launch(jobs: list[dict]) -> tuple[list[dict], str | None]:
+    """Under `accelerate launch` or `torchrun`, this process's share of a folder's inputs (each
+    input done by exactly one process) and its device; else all of them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return jobs, None
+    from .processes import process_info, shard
+
+    if not jobs[0]["batch"]:
+        raise UserError("a multi-process launch splits a folder of images between its processes, but IMAGE is one "
+                        "file: run brushnet inpaint without accelerate launch / torchrun")
+    process = process_info()
+    mine = shard(jobs, process.rank, process.world_size)
+    print(f"process {process.rank + 1} of {process.world_size}: {len(mine)} of {len(jobs)} input(s)")
+    return mine, process.device
 
 
 def _read_job(job, args):
@@ -465,15 +483,16 @@ def _prepare_output_folders(paths: list[Path]) -> None:
             raise UserError(f"the output folder {folder} is not writable: choose another --out")
 
 
-def _load(args):
-    """Load the pipeline named on the command line; returns it and the parameters to record."""
+def _load(args, process_device: str | None = None):
+    """Load the pipeline named on the command line (on this process's own GPU under a multi-process
+    launch); returns it and the parameters to record."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     # Loading bars for a handful of components are noise; the denoising bar stays.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, process_device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline_from_args(args, device, dtype)
     pipe.set_progress_bar_config(leave=False, desc="steps")

@@ -91,7 +91,8 @@ def add_bench_command(commands) -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from ..inpaint import InpaintSettings
-    from .runner import process_info, run_benchmark
+    from ..processes import process_info
+    from .runner import run_benchmark
 
     generating = args.images is None
     if generating and (not args.base or not args.brushnet):

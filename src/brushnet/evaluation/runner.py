@@ -33,6 +33,7 @@ import PIL.Image
 
 from ..inpaint import InpaintSettings
 from ..metadata import read_png_params, save_png
+from ..processes import ProcessInfo, process_info, shard
 from .benchmark import DEFAULT_GRID, BenchmarkItem, load_benchmark
 from .metrics import Sample, build_scorers, resolve_metrics
 from .report import (
@@ -62,39 +63,6 @@ def paper_settings(**overrides) -> InpaintSettings:
     values = {"prompt": "", "steps": 50, "guidance": 7.5, "scale": 1.0, "seed": PAPER_SEED, "blend": False}
     values.update(overrides)
     return InpaintSettings(**values)
-
-
-@dataclass
-class ProcessInfo:
-    """This process's place in a multi-process run."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: str | None = None
-    state: object = None  # accelerate's PartialState, when available
-
-    def wait_for_everyone(self) -> None:
-        if self.state is not None and self.world_size > 1:
-            self.state.wait_for_everyone()
-
-
-def process_info() -> ProcessInfo:
-    """Rank, world size and device from accelerate's PartialState; one process without accelerate."""
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            logger.warning("WORLD_SIZE > 1 but accelerate is not installed: every process runs the whole benchmark.")
-        return ProcessInfo()
-    state = PartialState()
-    return ProcessInfo(state.process_index, state.num_processes, str(state.device), state)
-
-
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """The items of process `rank`: those at an index i with i % world_size == rank."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"The process rank must be in [0, {world_size}); got {rank}.")
-    return [item for index, item in enumerate(items) if index % world_size == rank]
 
 
 def find_result(images_dir: Path, item: BenchmarkItem) -> Path | None:
