@@ -364,3 +364,22 @@ def test_a_launch_that_cannot_split_is_refused(photo, monkeypatch, capsys, no_mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x"], capsys)
     assert "splits a folder of images" in line
+
+
+def test_info_on_a_folder_or_damaged_file(tmp_path, capsys):
+    assert "is a folder" in _one_line_error(["info", str(tmp_path)], capsys)
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    assert "cut.png" in _one_line_error(["info", str(tmp_path / "cut.png")], capsys)
+
+
+def test_the_file_system_saying_no_is_one_line(photo, models, tmp_path, capsys, monkeypatch):
+    import brushnet.metadata
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "r.png"))
+
+    monkeypatch.setattr(brushnet.metadata, "atomic_write", full)
+    image, mask = photo
+    line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x", *models, "--out", str(tmp_path / "r.png")],
+                           capsys)
+    assert "No space left on device" in line and not (tmp_path / "r.png").exists()

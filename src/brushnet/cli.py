@@ -558,6 +558,12 @@ def main(argv=None) -> int:
             raise
         print(f"brushnet: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the file system said no (permissions, a full disk, a folder for a file)
+        if os.environ.get("BRUSHNET_DEBUG"):
+            raise
+        where = f": {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"brushnet: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # Outputs are written to a temporary name and renamed: no partial file is left behind.
         print("brushnet: interrupted; every output written so far is complete", file=sys.stderr)

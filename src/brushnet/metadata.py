@@ -37,9 +37,17 @@ def read_png_params(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} does not exist.") from None
     except PIL.UnidentifiedImageError:
         raise ValueError(f"{path} is not an image.") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder: give one of the PNGs in it.") from None
+    except Exception as error:  # damaged or unreadable: PIL and the OS raise many types
+        raise ValueError(f"{path} cannot be read ({str(error).strip() or type(error).__name__}).") from None
     if text is None:
         raise ValueError(f"{path} carries no brushnet generation parameters.")
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} has brushnet parameters that are not valid JSON: it was edited or damaged.") \
+            from None
 
 
 def model_fingerprint(source) -> str:
