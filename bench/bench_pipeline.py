@@ -7,6 +7,7 @@ masked image is VAE-encoded for the doubled batch. Both give the same images (se
 tests/test_pipelines.py); only the work differs.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3 --dtype bf16
 """
 
 import argparse
@@ -68,9 +69,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-images", type=int, default=1, help="images per call (the batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     args = parser.parse_args()
-    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     pipe = sd15_pipeline(args.device, dtype)
     image = Image.new("RGB", (args.size, args.size), (120, 90, 60))
@@ -103,6 +104,16 @@ def main():
     for name, seconds in results.items():
         print(f"{name:10s} {seconds:8.2f} s/call  {seconds / args.steps:7.2f} s/step")
     print(f"speed-up   {results['reference'] / results['ours']:.2f}x")
+    print(f"peak memory: {peak_memory(args.device)}")
+
+
+def peak_memory(device: str) -> str:
+    """The process's peak so far: GPU memory torch allocated, or the CPU's resident set."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (CPU)"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ from brushnet.masks import rle_encode
 from brushnet.metadata import read_png_params
 from brushnet.processes import ProcessInfo, shard
 
+def _auto_cpu_dtype() -> str:
+    from brushnet.options import resolve_dtype
+
+    return str(resolve_dtype("auto", "cpu")).removeprefix("torch.")  # bfloat16 on CPUs that have it natively
+
+
 GRID = 32  # small, and above SqueezeNet's (LPIPS) minimum of 17x17
 
 
@@ -608,7 +614,7 @@ def test_bench_command_generates_with_the_paper_defaults(bench, tmp_path, golden
     printed = capsys.readouterr().out
     assert "| Images | PSNR | MSE (×10³) |" in printed and "generated 3, reused 0" in printed
     params = read_png_params(out / "images" / "2.png")
-    assert params["mask_key"] == "outpainting_mask" and params["dtype"] == "float32" and len(params["brushnet_hash"]) == 12
+    assert params["mask_key"] == "outpainting_mask" and params["dtype"] == _auto_cpu_dtype() and len(params["brushnet_hash"]) == 12
     assert not (out / "gallery.html").exists()
     args = parser.parse_args([*argv, "--paper-compat"])
     assert args.func(args) == 0 and "generated 0, reused 3" in capsys.readouterr().out
