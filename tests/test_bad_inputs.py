@@ -383,3 +383,22 @@ def test_the_file_system_saying_no_is_one_line(photo, models, tmp_path, capsys, 
     line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x", *models, "--out", str(tmp_path / "r.png")],
                            capsys)
     assert "No space left on device" in line and not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "pndm"])
+def test_every_scheduler_takes_the_usual_step_counts(pipe, base, scheduler):
+    # Rounded timesteps repeat for DPM++ Karras at 50 steps and PNDM repeats one on purpose: neither
+    # is a schedule to refuse (only repeated noise levels are, see test_steps_the_scheduler_cannot_space).
+    from brushnet.schedulers import make_scheduler
+
+    image = Image.open(base / "init_image.png").convert("RGB")
+    mask = Image.open(base / "mask.png")
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, original.config)
+    try:
+        for steps in (1, 50):
+            out = pipe("x", image=image, mask=mask, num_inference_steps=steps, output_type="np",
+                       generator=torch.Generator().manual_seed(0)).images
+            assert np.isfinite(out).all() and out.std() > 0
+    finally:
+        pipe.scheduler = original

@@ -52,19 +52,24 @@ def check_steps(steps, name: str = "num_inference_steps", num_train_timesteps: i
 
 
 def check_schedule(timesteps, sigmas) -> None:
-    """The scheduler's timesteps for a call, after `set_timesteps`: distinct and finite.
+    """The noise levels of a call's schedule, after `set_timesteps`: distinct and finite.
 
     With more steps than the training schedule can space out (e.g. 1000 of 1000 timesteps for
-    UniPC or DPM-Solver), two steps land on the same timestep and the multistep solvers divide by
-    their zero distance: the image comes back NaN (black). That is refused here instead.
+    UniPC or DPM-Solver), two steps land on the same noise level and the multistep solvers divide
+    by their zero distance: the image comes back NaN (black). That is refused here instead.
+    Only the noise levels (sigmas) count: rounded timesteps may repeat harmlessly (DPM-Solver with
+    Karras sigmas at 50 steps), and PNDM repeats one on purpose; schedulers without sigmas (DDIM,
+    PNDM) take any step count up to the training timesteps.
     """
-    values = [float(t) for t in timesteps]
-    if len(set(values)) != len(values):
+    if sigmas is None:
+        return
+    levels = [float(s) for s in sigmas[: len(timesteps)]]
+    if not all(math.isfinite(level) for level in levels):
+        raise ValueError(f"{len(timesteps)} denoising steps give this scheduler non-finite noise levels: use fewer.")
+    if len(set(levels)) != len(levels):
         raise ValueError(
-            f"{len(values)} denoising steps are more than this scheduler can space over its training timesteps "
-            f"(two would fall on one timestep): use fewer, at most {len(set(values))}.")
-    if sigmas is not None and not all(math.isfinite(float(s)) for s in sigmas):
-        raise ValueError(f"{len(values)} denoising steps give this scheduler non-finite noise levels: use fewer.")
+            f"{len(timesteps)} denoising steps are more than this scheduler can space over its training timesteps "
+            f"(two would fall on one noise level): use fewer, at most {len(set(levels))}.")
 
 
 def check_guidance(value, name: str = "guidance_scale") -> float:
