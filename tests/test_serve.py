@@ -1,7 +1,8 @@
 """`brushnet serve`: the page in a real browser, the API under concurrent clients, and the refusals.
 
-One server runs the built-in demo model on 127.0.0.1 for the whole module (in a thread of this
-process), with small upload limits so oversized uploads are cheap to make. While it runs, every
+One server runs the built-in demo model and the tiny golden PowerPaint v2 model on 127.0.0.1 for
+the whole module (in a thread of this process), with a tiny random SAM and Grounding DINO for
+selections and small upload limits so oversized uploads are cheap to make. While it runs, every
 socket connection to anything but this machine fails and is recorded: the server must need none.
 """
 
@@ -22,10 +23,11 @@ from PIL import Image
 from brushnet.cli import main
 from brushnet.demo.scenes import make_scene
 from brushnet.metadata import read_png_params
+from brushnet.segmentation import select_mask
 from brushnet.serve import app as serve_app
 from brushnet.serve.app import build_app, launch_options
 from brushnet.serve.generation import Cancelled, GenerationService, user_message
-from brushnet.serve.inputs import InputError, UploadLimits, build_mask, generation_settings
+from brushnet.serve.inputs import InputError, UploadLimits, build_mask, generation_settings, powerpaint_task
 from brushnet.serve.models import (
     LoadOptions,
     ModelRegistry,
@@ -34,6 +36,17 @@ from brushnet.serve.models import (
     demo_entry,
     parse_model_entry,
 )
+from brushnet.serve.selection import (
+    Selector,
+    click_pixel,
+    page_preview,
+    preview_zoom,
+    selection_strokes,
+    with_point,
+    with_words,
+)
+
+from segmentation_models import save_tiny_grounding_dino, save_tiny_sam
 
 pytest.importorskip("gradio", reason='brushnet serve needs gradio: pip install -e ".[dev]"')
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
@@ -52,6 +65,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 LIMITS = UploadLimits(max_pixels=128 * 128, max_upload_bytes=200_000)
 SCENE_SEED = 11  # a scene with shapes near the middle, where the browser test paints
 STEPS = 20
+POWERPAINT = "powerpaint_v2_tiny_pipeline"  # the golden case, in the release's layout: one --models entry
+CLICK = (40, 20)  # a pixel of the scene where the tiny random SAM selects about a third of it
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -81,9 +96,19 @@ def _is_loopback(host: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(outside_connections, tmp_path_factory):
-    registry = ModelRegistry([demo_entry()], LoadOptions())
-    service = GenerationService(registry, LIMITS, output_dir=tmp_path_factory.mktemp("serve-results"))
+def segmentation_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segmentation-models")
+    save_tiny_sam(root / "sam")
+    save_tiny_grounding_dino(root / "dino")
+    return SimpleNamespace(sam=root / "sam", dino=root / "dino")
+
+
+@pytest.fixture(scope="module")
+def server(outside_connections, tmp_path_factory, golden, segmentation_models):
+    registry = ModelRegistry([demo_entry(), parse_model_entry(str(golden(POWERPAINT).dir))], LoadOptions())
+    selector = Selector(str(segmentation_models.sam), str(segmentation_models.dino))
+    service = GenerationService(registry, LIMITS, output_dir=tmp_path_factory.mktemp("serve-results"),
+                                selector=selector)
     app = build_app(service)
     options = launch_options(service, "127.0.0.1", _free_port(), auth=None)
     _, url, _ = app.launch(**options, prevent_thread_lock=True, quiet=True)
@@ -161,7 +186,7 @@ def test_browser_paint_a_stroke_and_inpaint(server, files, tmp_path):
             page.wait_for_selector("#results img", timeout=60_000)
 
             result = _fetch_pixels(page, "#results img")
-            preview = _fetch_pixels(page, "#preview img")
+            preview = _preview_pixels(page)
             assert "built-in demo model" in page.inner_text("#params")
             for close in page.locator(".toast-close").all():  # the "Cancelled." notice
                 close.click()
@@ -183,6 +208,90 @@ def test_browser_paint_a_stroke_and_inpaint(server, files, tmp_path):
     assert far.sum() > 1000 and not changed[far].any(), "blending changed pixels away from the stroke"
     outside = [url for url in requested if not url.startswith((server.url, "data:", "blob:"))]
     assert outside == [], f"the page fetched from elsewhere: {outside[:3]}"
+
+
+def test_browser_click_selects_the_object_and_powerpaint_tasks(server, files, tmp_path, monkeypatch):
+    """A click on the masked preview selects with SAM; the preview shows the mask, the brush adds to
+    it, and Inpaint fills both. Picking the PowerPaint model shows its tasks."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no system Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    scene = Image.open(files.scene).convert("RGB")
+    selected = np.asarray(select_mask(scene, server.service.selector._models(False, None)[0], points=[CLICK])) > 0
+    assert 0.1 < selected.mean() < 0.9
+    holes = []
+    run = server.service.run
+
+    def spy(model, image, mask, settings, *args, **kwargs):
+        holes.append(np.asarray(mask) > 0)
+        return run(model, image, mask, settings, *args, **kwargs)
+
+    monkeypatch.setattr(server.service, "run", spy)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(server.url)
+            page.wait_for_selector("#editor canvas", state="attached", timeout=60_000)
+            assert not page.locator("#task").is_visible()  # the demo model is a BrushNet
+            _upload_to_editor(page, files.scene, sync_api.TimeoutError)
+            page.wait_for_selector("#preview img", timeout=30_000)
+            plain = page.locator("#preview img").get_attribute("src")
+            _click_image_pixel(page, "#preview img", CLICK, scene.size)
+            _wait_until(lambda: page.locator("#preview img").get_attribute("src") != plain)
+            preview = _preview_pixels(page)
+            tinted = np.abs(preview - np.asarray(scene).astype(np.int16)).max(axis=-1) > 20
+            assert (tinted == selected).mean() > 0.97, "the preview does not show SAM's mask"
+
+            # The brush adds to the selection: a stroke above the middle (the
+            # editor shows the image centred, enlarged 2-8 times: rows 12-27 of 64).
+            page.get_by_role("button", name="Brush", exact=True).click()
+            _set_brush_size(page, 5)
+            box = page.locator("#editor canvas").first.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx - 45, cy - 40)
+            page.mouse.down()
+            page.mouse.move(cx + 45, cy - 40)
+            page.mouse.up()
+            page.fill("#prompt textarea", "a green square")
+            _set_number(page, "#steps", 2)
+            page.click("#inpaint-button")
+            page.wait_for_selector("#results img", timeout=60_000)
+            (hole,) = holes
+            assert hole[selected].all(), "the selection did not reach the generation"
+            painted = hole & ~selected
+            assert painted[8:32].sum() > 10, "the brush stroke was lost"
+            assert not painted[:8].any() and not painted[32:].any(), "the hole has more than the selection and stroke"
+
+            # PowerPaint: its task picker appears; shape-guided shows the fitting degree.
+            page.click("#model input")
+            page.get_by_role("option", name=POWERPAINT).click()
+            page.locator("#task").wait_for(state="visible", timeout=30_000)
+            assert not page.locator("#fitting-degree").is_visible()
+            page.get_by_label("Shape-guided", exact=False).check()
+            page.locator("#fitting-degree").wait_for(state="visible", timeout=30_000)
+            screenshot = tmp_path / "selection.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.stat().st_size > 10_000
+            page.click("#model input")
+            page.get_by_role("option", name="built-in demo model").click()
+            page.locator("#task").wait_for(state="hidden", timeout=30_000)
+            assert not page.locator("#fitting-degree").is_visible()
+        finally:
+            browser.close()
+
+
+def _click_image_pixel(page, selector: str, pixel, size) -> None:
+    """Click the centre of image pixel `pixel` of an image of `size` shown (enlarged, letterboxed by
+    object-fit: contain) in the <img> at `selector`."""
+    image = page.locator(selector).first
+    box = image.bounding_box()
+    natural = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    ratio = min(box["width"] / natural[0], box["height"] / natural[1])
+    x0 = box["x"] + (box["width"] - natural[0] * ratio) / 2
+    y0 = box["y"] + (box["height"] - natural[1] * ratio) / 2
+    zoom = natural[0] / size[0]
+    page.mouse.click(x0 + (pixel[0] + 0.5) * zoom * ratio, y0 + (pixel[1] + 0.5) * zoom * ratio)
 
 
 def _upload_to_editor(page, path, timeout_error, attempts: int = 3) -> None:
@@ -233,6 +342,14 @@ def _fetch_pixels(page, selector) -> np.ndarray:
     response = page.request.get(urljoin(page.url, source))
     assert response.ok, f"{selector}: {response.status}"
     return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB")).astype(np.int16)
+
+
+def _preview_pixels(page) -> np.ndarray:
+    """The masked preview at the image's own size (the page enlarges small images by whole pixels)."""
+    preview = _fetch_pixels(page, "#preview img")
+    zoom = preview.shape[1] // 64
+    assert zoom == preview_zoom((64, 64)) and preview.shape[:2] == (64 * zoom, 64 * zoom)
+    return preview[::zoom, ::zoom]
 
 
 def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -354,7 +471,7 @@ def test_a_request_can_name_no_server_path(server, files):
 
     endpoint = urljoin(server.url, "gradio_api/call/outpaint")
     server_file = {"path": str(files.scene), "meta": {"_type": "gradio.FileData"}}
-    data = [server_file, "x", 8, 0, 0, 0, "built-in demo model", "", 2, 7.5, 1.0, 0.0, 1.0, 1, True, 0, 1, False]
+    data = [server_file, "x", 8, 0, 0, 0, "built-in demo model", "", 2, 7.5, 1.0, 0.0, 1.0, 1, True, 0, 1, False, 1.0]
     event = httpx.post(endpoint, json={"data": data}).json()["event_id"]
     answer = httpx.get(f"{endpoint}/{event}", timeout=30).text
     assert "event: error" in answer and "not uploaded by a user" in answer
@@ -404,6 +521,51 @@ def test_cancel_stops_the_generation_at_the_next_step(server, files):
     # A later request of the same session, and any other session, runs as usual.
     settings.steps = 2
     assert len(service.run("built-in demo model", scene, hole, settings, session="session-a")) == 1
+
+
+def test_powerpaint_tasks_through_the_api(server, files):
+    client = Client(server.url, verbose=False)
+    request = {"image": _editor(files.scene), "mask": handle_file(str(files.mask)), "steps": 2, "seed": 3,
+               "model": POWERPAINT, "api_name": "/inpaint"}
+    gallery, params = client.predict(**request, prompt="", task="object-removal")  # no prompt needed
+    assert (params[0]["task"], params[0]["fitting_degree"], params[0]["model"]) == ("object-removal", 1.0, POWERPAINT)
+    assert Image.open(gallery[0]["image"]).size == (64, 64) and "object-removal" in gallery[0]["caption"]
+    _, params = client.predict(**request, prompt="a cat", task="shape-guided", fitting_degree=0.5)
+    assert (params[0]["task"], params[0]["fitting_degree"]) == ("shape-guided", 0.5)
+    _, params = client.predict(**request, prompt="a cat")  # the defaults: text-guided, 1.0
+    assert (params[0]["task"], params[0]["fitting_degree"]) == ("text-guided", 1.0)
+    with pytest.raises(Exception, match="The prompt is empty"):
+        client.predict(**request, prompt="", task="shape-guided")
+    with pytest.raises(Exception, match="Value 2 is greater than maximum value 1"):  # the slider's own bounds
+        client.predict(**request, prompt="a cat", task="shape-guided", fitting_degree=2)
+    with pytest.raises(Exception, match="The task object-removal needs a PowerPaint v2 model, but 'built-in demo "
+                                        "model' is a BrushNet"):
+        client.predict(**{**request, "model": "built-in demo model"}, prompt="", task="object-removal")
+    # The Outpaint tab outpaints with PowerPaint's own task, from the surroundings alone.
+    gallery, params = client.predict(image=handle_file(str(files.scene)), prompt="", left=16, steps=2, seed=1,
+                                     model=POWERPAINT, api_name="/outpaint")
+    assert params[0]["task"] == "outpainting" and _pixels(gallery[0]["image"]).shape == (64, 80, 3)
+    with pytest.raises(Exception, match="The prompt is empty"):  # a BrushNet needs to be told what to paint
+        client.predict(image=handle_file(str(files.scene)), prompt="", left=16, steps=2, api_name="/outpaint")
+
+
+def test_strength_through_the_api(server, files):
+    client = Client(server.url, verbose=False)
+    request = {"image": _editor(files.scene), "mask": handle_file(str(files.mask)), "prompt": "a red circle",
+               "steps": 8, "seed": 5, "blend": False, "api_name": "/inpaint"}
+    default, _ = client.predict(**request)
+    full, params = client.predict(**request, strength=1.0)
+    assert params[0]["strength"] == 1.0 and np.array_equal(_pixels(default[0]["image"]), _pixels(full[0]["image"]))
+    low, params = client.predict(**request, strength=0.3)
+    assert params[0]["strength"] == 0.3 and "strength 0.3" in low[0]["caption"]
+    hole = np.asarray(Image.open(files.mask)) > 0
+    scene = _pixels(files.scene)
+    distance = [np.abs(_pixels(result[0]["image"]) - scene)[hole].mean() for result in (full, low)]
+    assert distance[1] < distance[0] / 2, distance  # a low strength keeps the original's colours
+    for strength, message in ((0, "Value 0 is less than minimum value 0.01"),
+                              (1.5, "Value 1.5 is greater than maximum value 1")):  # the slider's own bounds
+        with pytest.raises(Exception, match=message):
+            client.predict(**request, strength=strength)
 
 
 def test_the_server_reached_nothing_outside_this_machine(server, outside_connections):
@@ -491,6 +653,105 @@ def test_importing_the_cli_does_not_import_gradio():
     assert out.strip() == "False"
 
 
+def test_powerpaint_entries(golden, tmp_path):
+    from brushnet.pipelines.pipeline_powerpaint import TASKS
+    from brushnet.serve.inputs import TASK_LABELS
+
+    assert set(TASK_LABELS) == set(TASKS)  # the page offers every task the pipeline has, and no other
+    release = golden(POWERPAINT).dir
+    entry = parse_model_entry(str(release))  # the release's layout: the branch beside one base folder
+    assert entry.powerpaint and (entry.base, entry.brushnet) == (str(release / "realisticVisionV60B1_v51VAE"),
+                                                                 str(release / "PowerPaint_Brushnet"))
+    check_model_entry(entry)
+    pair = parse_model_entry(f"{release / 'realisticVisionV60B1_v51VAE'}::{release / 'PowerPaint_Brushnet'}")
+    assert pair.powerpaint and pair.name == "realisticVisionV60B1_v51VAE + PowerPaint_Brushnet"
+    check_model_entry(pair)
+    assert not demo_entry().powerpaint and not parse_model_entry(str(golden("sd15_tiny_pipeline").dir)).powerpaint
+    two = tmp_path / "two-bases"
+    (two / "PowerPaint_Brushnet").mkdir(parents=True)
+    for name in ("a", "b"):
+        (two / name).mkdir()
+        (two / name / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"one base model folder; found 2 \(a, b\): pass BASE::"):
+        parse_model_entry(str(two))
+    sd15 = golden("sd15_tiny_pipeline").dir
+    with pytest.raises(InputError, match="needs a PowerPaint v2 model"):
+        powerpaint_task("context-aware", None, False, "x")
+    assert powerpaint_task(None, None, False, "x") == {}
+    assert powerpaint_task(None, None, True, "x") == {"task": "text-guided", "fitting_degree": 1.0}
+    with pytest.raises(InputError, match="Unknown task 'remove'"):
+        powerpaint_task("remove", None, True, str(sd15))
+
+
+def test_selection_messages_and_first_use_loading(segmentation_models):
+    scene = make_scene(SCENE_SEED).image
+    nothing = GenerationService(ModelRegistry([demo_entry()], LoadOptions()), LIMITS)
+    with pytest.raises(InputError, match="needs SAM: start brushnet serve with --segmenter"):
+        nothing.select(scene, with_point(None, CLICK, negative=False))
+    loads = []
+    service = GenerationService(ModelRegistry([demo_entry()], LoadOptions()), LIMITS,
+                                selector=Selector(str(segmentation_models.sam)))
+    progress = lambda value, desc=None, unit=None: loads.append(desc)  # noqa: E731
+    first = service.select(scene, with_point(None, CLICK, negative=False), progress)
+    refined = service.select(scene, with_point(with_point(None, CLICK, False), (5, 60), True), progress)
+    assert loads == ["loading the segmenter"]  # on first use, then kept
+    assert first.shape == (64, 64) and first.any() and not np.array_equal(first, refined)
+    with pytest.raises(InputError, match="needs an open-vocabulary detector: start brushnet serve with --detector"):
+        service.select(scene, with_words(None, "a cat", None))
+    with pytest.raises(ValueError, match="negative points only take parts away"):
+        service.select(scene, with_point(None, CLICK, negative=True))
+    with pytest.raises(ValueError, match=r"point 70,5 \(on the 64x64 image\)"):
+        service.select(scene, with_point(None, (70, 5), negative=False))
+    words = GenerationService(ModelRegistry([demo_entry()], LoadOptions()), LIMITS,
+                              selector=Selector(str(segmentation_models.sam), str(segmentation_models.dino)))
+    wide = scene.resize((128, 64))  # the tiny detector's last feature map needs more than one pixel
+    with pytest.raises(ValueError, match=r"found nothing matching 'a red ball' above its threshold 1"):
+        words.select(wide, with_words(None, "a red ball", 1.0))
+    assert words.select(wide, with_words(None, "a cat", 0.05)).any()
+
+
+def test_clicks_map_to_image_pixels_and_join_the_strokes():
+    zoom = preview_zoom((64, 64))
+    assert zoom == 12 and preview_zoom((90, 40)) == 9 and preview_zoom((4000, 3000)) == 1
+    assert click_pixel([40 * zoom + 11, 20 * zoom], (64, 64)) == (40, 20)
+    with pytest.raises(InputError, match="Click on the masked image itself"):
+        click_pixel(None, (64, 64))
+    selection = with_point(None, (1, 1), negative=False)
+    selection.mask = np.zeros((4, 6), dtype=bool)
+    selection.mask[3, 5] = True
+    strokes = np.zeros((4, 6), dtype=bool)
+    strokes[0, 0] = True
+    assert selection_strokes(strokes, selection).sum() == 2
+    assert selection_strokes(np.zeros((8, 8), dtype=bool), selection).sum() == 0  # made on another image
+    preview = page_preview(Image.new("RGB", (6, 4), "white"), Image.new("L", (6, 4)), selection)
+    assert preview.size == (6 * preview_zoom((6, 4)), 4 * preview_zoom((6, 4)))
+    assert preview.getpixel((int(1.5 * preview_zoom((6, 4))),) * 2) == (0, 200, 0)  # the point, marked
+
+
+def test_serve_checks_the_segmenter_options_at_start(segmentation_models, monkeypatch, capsys):
+    services = []
+
+    class FakeApp:
+        def launch(self, **options):
+            return None, "http://127.0.0.1:7999/", None
+
+        def block_thread(self):
+            pass
+
+    monkeypatch.setattr(serve_app, "build_app", lambda service: services.append(service) or FakeApp())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    sam, dino = str(segmentation_models.sam), str(segmentation_models.dino)
+    assert main(["serve", "--segmenter", sam, "--detector", dino, "--device", "cpu"]) == 0
+    assert (services[0].selector.segmenter_source, services[0].selector.detector_source) == (sam, dino)
+    for argv, message in [(["--detector", dino], "--detector finds boxes that SAM turns into masks: give --segmenter"),
+                          (["--segmenter", "/nonexistent/sam"], "no such folder, nor a model in the Hugging Face "
+                                                                "cache (the server downloads nothing)"),
+                          (["--segmenter", dino], "is a 'grounding-dino' model, not 'sam'")]:
+        assert main(["serve", *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and message in error, error
+
+
 def test_mask_from_strokes_upload_and_invert():
     strokes = np.zeros((4, 6), dtype=bool)
     strokes[0, 0] = True
@@ -512,6 +773,10 @@ def test_mask_from_strokes_upload_and_invert():
     ({"blend_kernel": 20}, "blend kernel must be odd"),
     ({"guidance": float("nan")}, "guidance must be a finite number"),
     ({"seed": -2}, "seed must be a whole number from -1"),
+    ({"strength": 0}, "strength must be above 0 and at most 1; got 0"),
+    ({"strength": float("inf")}, "strength must be a finite number"),
+    ({"prompt": " ", "extra": {"task": "shape-guided", "fitting_degree": 1.0}},
+     "prompt is empty: describe what to paint in the hole (object removal, context-aware fill and outpainting"),
 ])
 def test_settings_out_of_bounds_are_refused(change, message):
     values = {"prompt": "x", "negative_prompt": "", "steps": 20, "guidance": 7.5, "scale": 1.0, "start": 0.0,

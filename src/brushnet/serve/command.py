@@ -17,15 +17,16 @@ DEFAULT_MAX_UPLOAD_MB = 50.0
 def add_serve_command(commands) -> argparse.ArgumentParser:
     """Add the `serve` sub-command to an argparse sub-parsers object; returns its parser."""
     serve = commands.add_parser(
-        "serve", help="a web UI in the browser: paint the hole, inpaint, outpaint (needs brushnet[serve])",
+        "serve", help="a web UI in the browser: paint or click the hole, inpaint, outpaint (needs brushnet[serve])",
         description="Serve a web UI (gradio) for inpainting and outpainting with the built-in demo model and the "
                     "models given with --models. One generation runs at a time; other requests wait in a queue. "
                     "Install with pip install \"brushnet[serve]\".")
     serve.add_argument(
         "--models", nargs="+", action="extend", default=[], metavar="MODEL",
-        help="models to offer, each a BrushNet pipeline folder (model_index.json with a brushnet entry) or "
-             "BASE::BRUSHNET (a base model folder or checkpoint file, and a BrushNet folder or .safetensors "
-             "file); local paths only. The built-in demo model is always offered; the first entry is preselected")
+        help="models to offer, each a BrushNet pipeline folder (model_index.json with a brushnet entry), "
+             "BASE::BRUSHNET (a base model folder or checkpoint file, and a BrushNet or PowerPaint v2 folder or "
+             ".safetensors file) or a PowerPaint v2 release folder; local paths only. The built-in demo model is "
+             "always offered; the first entry is preselected")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
                             "network, with --auth)")
@@ -36,16 +37,26 @@ def add_serve_command(commands) -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                        help=f"largest file accepted per upload, in MB (default {DEFAULT_MAX_UPLOAD_MB:g}; the "
                             "editor sends its canvas as PNG)")
+    selection = serve.add_argument_group("selecting without painting (loaded on first use)")
+    selection.add_argument("--segmenter", metavar="SAM",
+                           help="SAM checkpoint for clicks in the page: a folder, or a hub id already downloaded "
+                                "(e.g. facebook/sam-vit-base)")
+    selection.add_argument("--detector", metavar="DET",
+                           help="open-vocabulary detector for selecting by words, with --segmenter: a folder or a "
+                                "downloaded hub id (e.g. IDEA-Research/grounding-dino-tiny)")
     group = serve.add_argument_group("model loading (as for brushnet inpaint)")
     group.add_argument("--scheduler", default="unipc",
                        help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, euler_a or pndm")
     group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="weights precision (auto: fp16 on GPU, fp32 on CPU)")
+                       help="weights precision (auto: fp16 on GPU; on CPU bf16 where the CPU computes it natively, "
+                            "AVX512-BF16 or AMX, else fp32)")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="keep weights in CPU memory and move them to the GPU when used")
     group.add_argument("--allow-pickle", action="store_true",
                        help="allow .ckpt/.bin/.pt checkpoints in --models (pickles can run code)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile each model's UNet and BrushNet when it loads (the first image of each size waits)")
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -79,10 +90,11 @@ def cmd_serve(args) -> int:
 def build_service(args):
     """The models, limits and device of the command line, every --models entry checked."""
     from ..arguments import check_number
-    from ..options import check_scheduler, resolve_device, resolve_dtype, user_checked
+    from ..options import UserError, check_scheduler, resolve_device, resolve_dtype, user_checked
     from .generation import GenerationService
     from .inputs import UploadLimits
     from .models import LoadOptions, ModelRegistry, check_model_entry, demo_entry, parse_model_entry
+    from .selection import Selector, resolve_source
 
     user_checked(check_number, args.port, "--port", low=1, high=65535, integer=True)
     user_checked(check_number, args.max_pixels, "--max-pixels", low=1, integer=True)
@@ -96,9 +108,14 @@ def build_service(args):
     device = resolve_device(args.device)
     check_scheduler(args.scheduler)
     options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), scheduler=args.scheduler,
-                          offload=args.offload, allow_pickle=args.allow_pickle)
+                          offload=args.offload, allow_pickle=args.allow_pickle, compile=args.compile)
     default = configured[0].name if configured else (demo.name if demo else None)
-    return GenerationService(ModelRegistry(entries, options, default=default), limits)
+    if args.detector and not args.segmenter:
+        raise UserError("--detector finds boxes that SAM turns into masks: give --segmenter too")
+    segmenter = args.segmenter and user_checked(resolve_source, args.segmenter, "--segmenter", "sam")
+    detector = args.detector and user_checked(resolve_source, args.detector, "--detector")
+    return GenerationService(ModelRegistry(entries, options, default=default), limits,
+                             selector=Selector(segmenter, detector, device))
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:

@@ -19,6 +19,7 @@ from ..inpaint import InpaintSettings, default_blend_kernel, image_seeds, inpain
 from ..metadata import save_png
 from .inputs import UploadLimits
 from .models import ModelRegistry
+from .selection import Selection, Selector
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ class Run:
 class GenerationService:
     """The models, the limits and the device: what every request of one server shares."""
 
-    def __init__(self, registry: ModelRegistry, limits: UploadLimits, output_dir: str | Path | None = None):
+    def __init__(self, registry: ModelRegistry, limits: UploadLimits, output_dir: str | Path | None = None,
+                 selector: Selector | None = None):
         self.registry = registry
         self.limits = limits
+        self.selector = selector or Selector(None)  # without --segmenter, a selection says how to get one
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="brushnet-serve-"))
         if output_dir is None:
             weakref.finalize(self, shutil.rmtree, self.output_dir, ignore_errors=True)
@@ -96,6 +99,11 @@ class GenerationService:
         kernel = settings.blend_kernel or default_blend_kernel(pipe)
         return self._save(images, settings, {**model_params, "blend_kernel": kernel, **(extra_params or {})})
 
+    def select(self, image, selection: Selection, progress=None):
+        """The (H, W) bool mask of `selection` on `image`; it waits for the device like a generation."""
+        with self._device_lock:
+            return self.selector.mask(image, selection, on_load=lambda what: _report(progress, 0, f"loading {what}"))
+
     def _stop_if_cancelled(self, session: str, requested: float) -> None:
         if self._cancel_requests.get(session, -1.0) >= requested:
             raise Cancelled("Cancelled.")
@@ -123,8 +131,13 @@ class GenerationService:
 
 def caption(params: dict) -> str:
     """The parameters that tell results apart, in one line under each image."""
-    return (f"seed {params['seed']} · {params['steps']} steps · guidance {params['guidance']:g} · "
+    text = (f"seed {params['seed']} · {params['steps']} steps · guidance {params['guidance']:g} · "
             f"scale {params['scale']:g}")
+    if params.get("strength", 1.0) != 1.0:
+        text += f" · strength {params['strength']:g}"
+    if params.get("task"):
+        text += f" · {params['task']}"
+    return text
 
 
 def user_message(error: BaseException) -> str:

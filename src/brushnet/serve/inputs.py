@@ -28,6 +28,18 @@ MAX_SEED = 2**53 - 1  # the largest integer a browser's numbers hold exactly
 RANDOM_SEED = -1  # asks for a random seed (an empty number field reaches the server as 0, so not "empty")
 MAX_OUTPAINT_SIDE = 4096
 
+# PowerPaint v2's tasks as the page names them; the pipeline's own table is the reference
+# (a test checks that both list the same names).
+TASK_LABELS = {
+    "text-guided": "Text-guided (paint what the prompt says)",
+    "object-removal": "Object removal (no prompt needed)",
+    "context-aware": "Context-aware fill (no prompt needed)",
+    "shape-guided": "Shape-guided (the object follows the mask's shape)",
+    "outpainting": "Outpainting (no prompt needed)",
+}
+DEFAULT_TASK = "text-guided"
+PROMPT_FREE_TASKS = ("object-removal", "context-aware", "outpainting")  # they fill from the surroundings
+
 # How the preview shows the hole: the image under a translucent magenta, the brush's colour.
 PREVIEW_TINT = np.array([255, 0, 255], dtype=np.float32)
 PREVIEW_OPACITY = 0.6
@@ -186,17 +198,36 @@ def outpaint_sides(left, right, top, bottom) -> dict[str, int]:
     return sides
 
 
+def powerpaint_task(task, fitting_degree, powerpaint: bool, model: str) -> dict:
+    """The pipeline keywords of a PowerPaint task (none for a plain BrushNet, which only does
+    text-guided inpainting; asking it for another task is refused). None means the default."""
+    task = DEFAULT_TASK if task is None or task == "" else task
+    if task not in TASK_LABELS:
+        raise InputError(f"Unknown task {task!r}: choose one of {', '.join(TASK_LABELS)}.")
+    if not powerpaint:
+        if task != DEFAULT_TASK:
+            raise InputError(f"The task {task} needs a PowerPaint v2 model, but {model!r} is a BrushNet, which only "
+                             "does text-guided inpainting: pick a PowerPaint model, or the text-guided task.")
+        return {}
+    fitting_degree = _within(1.0 if fitting_degree is None else fitting_degree, "fitting degree", 0.0, 1.0)
+    return {"task": task, "fitting_degree": fitting_degree}
+
+
 def generation_settings(prompt, negative_prompt, steps, guidance, scale, start, end, seed, num_images,
-                        blend, blend_kernel, crop_to_mask) -> InpaintSettings:
-    """The form's values as `InpaintSettings`, each checked; seed -1 (or None) means a random one."""
+                        blend, blend_kernel, crop_to_mask, strength=None, extra: dict | None = None
+                        ) -> InpaintSettings:
+    """The form's values as `InpaintSettings`, each checked; seed -1 (or None) means a random one.
+    `extra`: the PowerPaint task keywords, whose prompt-free tasks may leave the prompt empty."""
     for text, what in ((prompt, "The prompt"), (negative_prompt, "The negative prompt")):
         try:
             check_text(text, what)
         except ValueError as error:
             raise InputError(str(error)) from None
     prompt = (prompt or "").strip()
-    if not prompt:
-        raise InputError("The prompt is empty: describe what to paint in the hole.")
+    extra = dict(extra or {})
+    if not prompt and extra.get("task") not in PROMPT_FREE_TASKS:
+        raise InputError("The prompt is empty: describe what to paint in the hole"
+                         + (" (object removal, context-aware fill and outpainting need none)." if extra else "."))
     steps = _whole(steps, "steps", 1, MAX_STEPS)
     num_images = _whole(num_images, "number of images", 1, MAX_IMAGES)
     guidance = _within(guidance, "guidance", 0.0, MAX_GUIDANCE)
@@ -211,10 +242,13 @@ def generation_settings(prompt, negative_prompt, steps, guidance, scale, start, 
     kernel = _whole(blend_kernel or 0, "blend kernel", 0, MAX_BLEND_KERNEL)
     if kernel and kernel % 2 == 0:
         raise InputError(f"The blend kernel must be odd (or 0 for the model's default); got {kernel}.")
+    strength = 1.0 if strength is None else _number(strength, "strength")
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"The strength must be above 0 and at most 1; got {strength:g}.")
     return InpaintSettings(
         prompt=prompt, negative_prompt=(negative_prompt or "").strip(), steps=steps, guidance=guidance, scale=scale,
         start=start, end=end, seed=seed, num_images=num_images, blend=bool(blend), blend_kernel=kernel or None,
-        crop_to_mask=bool(crop_to_mask),
+        crop_to_mask=bool(crop_to_mask), strength=strength, extra=extra,
     )
 
 

@@ -5,7 +5,9 @@ Each `--models` entry is either
 - `DIR`: a BrushNet pipeline folder, whose model_index.json has a `brushnet` entry (what
   `pipe.save_pretrained` writes, or the built-in demo model's layout), or
 - `BASE::BRUSHNET`: a base model (diffusers folder or single checkpoint file) and a BrushNet (folder
-  or single .safetensors file), given separately.
+  or single .safetensors file), given separately; a PowerPaint v2 branch is a BrushNet here, or
+- `DIR`: a PowerPaint v2 release folder, its `PowerPaint_Brushnet/` beside one base pipeline folder
+  (the release ships `realisticVisionV60B1_v51VAE/`).
 
 Only local paths are accepted: the server checks every entry at start, offline, and fetches
 nothing. The page's model picker shows each entry's name; the browser sends that name back and the
@@ -18,10 +20,11 @@ import gc
 import json
 import threading
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PAIR_SEPARATOR = "::"
+POWERPAINT_FOLDER = "PowerPaint_Brushnet"  # the branch's folder in the PowerPaint v2 release
 
 
 class UnknownModelError(ValueError):
@@ -34,6 +37,7 @@ class ModelEntry:
     base: str
     brushnet: str
     demo: bool = False
+    powerpaint: bool = False  # a PowerPaint v2 branch: the page offers its tasks
 
 
 def parse_model_entry(text: str) -> ModelEntry:
@@ -44,15 +48,36 @@ def parse_model_entry(text: str) -> ModelEntry:
             raise ValueError(f"--models {text}: write a pair as BASE{PAIR_SEPARATOR}BRUSHNET, both paths.")
         _require_local(base, text)
         _require_local(brushnet, text)
-        return ModelEntry(f"{_short_name(base)} + {_short_name(brushnet)}", base, brushnet)
+        return ModelEntry(f"{_short_name(base)} + {_short_name(brushnet)}", base, brushnet,
+                          powerpaint=_is_powerpaint(brushnet))
     _require_local(text, text)
     folder = Path(text)
+    if (folder / POWERPAINT_FOLDER).is_dir():
+        return _powerpaint_release(folder, text)
     if "brushnet" not in _model_index(folder, text):
         raise ValueError(
             f"--models {text}: not a BrushNet pipeline folder (no model_index.json with a brushnet entry): "
             f"pass BASE{PAIR_SEPARATOR}BRUSHNET to give a base model and a BrushNet separately."
         )
-    return ModelEntry(_short_name(text), text, str(folder / "brushnet"))
+    brushnet = str(folder / "brushnet")
+    return ModelEntry(_short_name(text), text, brushnet, powerpaint=_is_powerpaint(brushnet))
+
+
+def _powerpaint_release(folder: Path, entry: str) -> ModelEntry:
+    bases = sorted(child for child in folder.iterdir() if (child / "model_index.json").is_file())
+    if len(bases) != 1:
+        found = f"{len(bases)} ({', '.join(b.name for b in bases)})" if bases else "none"
+        raise ValueError(
+            f"--models {entry}: a PowerPaint release folder holds {POWERPAINT_FOLDER}/ and one base model folder; "
+            f"found {found}: pass BASE{PAIR_SEPARATOR}{folder / POWERPAINT_FOLDER} to choose the base."
+        )
+    return ModelEntry(_short_name(entry), str(bases[0]), str(folder / POWERPAINT_FOLDER), powerpaint=True)
+
+
+def _is_powerpaint(brushnet: str) -> bool:
+    from ..loading import is_powerpaint
+
+    return is_powerpaint(brushnet)
 
 
 def _model_index(folder: Path, entry: str) -> dict:
@@ -80,8 +105,8 @@ def _short_name(path: str) -> str:
 
 def check_model_entry(entry: ModelEntry, allow_pickle: bool = False) -> None:
     """Refuse an entry that cannot work, from its configs and checkpoint headers (no weights read):
-    a BrushNet for another family than its base, an inpainting base, a PowerPaint checkpoint, a
-    pickle without --allow-pickle. Raises `ModelLoadError` prefixed with the entry."""
+    a BrushNet for another family than its base, an inpainting base, a PowerPaint branch with an SDXL
+    base, a pickle without --allow-pickle. Raises `ModelLoadError` prefixed with the entry."""
     from ..loading import ModelLoadError, check_model_pair
 
     try:
@@ -108,20 +133,20 @@ def unique_names(entries: list[ModelEntry]) -> list[ModelEntry]:
     for entry in entries:
         count = seen.get(entry.name, 0) + 1
         seen[entry.name] = count
-        name = entry.name if count == 1 else f"{entry.name} ({count})"
-        renamed.append(ModelEntry(name, entry.base, entry.brushnet, entry.demo))
+        renamed.append(entry if count == 1 else replace(entry, name=f"{entry.name} ({count})"))
     return renamed
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How every model is loaded: the CLI's --device/--dtype/--scheduler/--offload/--allow-pickle."""
+    """How every model is loaded: the CLI's --device/--dtype/--scheduler/--offload/--allow-pickle/--compile."""
 
     device: str = "cpu"
     dtype: object = None  # a torch dtype; None: float32
     scheduler: str = "unipc"
     offload: str = "none"
     allow_pickle: bool = False
+    compile: bool = False
 
 
 class ModelRegistry:
@@ -180,7 +205,7 @@ def load_entry(entry: ModelEntry, options: LoadOptions) -> tuple[object, dict]:
 
     args = Namespace(base=entry.base, brushnet=entry.brushnet, base_config=None, allow_pickle=options.allow_pickle,
                      scheduler=options.scheduler, offload="none" if entry.demo else options.offload,
-                     demo_model=entry.demo)
+                     demo_model=entry.demo, compile=options.compile)
     dtype = options.dtype or torch.float32
     pipe = load_pipeline_from_args(args, options.device, dtype)
     pipe.set_progress_bar_config(disable=True)  # the page shows the progress
