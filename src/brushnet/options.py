@@ -51,6 +51,9 @@ def add_model_options(parser, demo_default: bool = True) -> None:
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the UNet and BrushNet (torch.compile; CUDA graphs on a GPU): the first image of "
+                            "each size waits for the compilation, the rest run faster")
 
 
 # -- checks of what the user typed ---------------------------------------------------------------
@@ -161,6 +164,9 @@ def load_pipeline_from_args(args, device: str, dtype):
     check_scheduler(args.scheduler)
     if args.offload != "none" and device == "cpu":
         raise UserError("--offload needs a GPU (--device cuda or mps)")
+    if getattr(args, "compile", False) and args.offload != "none":
+        raise UserError("--compile and --offload do not go together (offloading moves the weights the compiled "
+                        "graphs hold): choose one")
     pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
                          base_config=args.base_config)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
@@ -170,6 +176,8 @@ def load_pipeline_from_args(args, device: str, dtype):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.enable_sequential_cpu_offload(device=device)
+    if getattr(args, "compile", False):
+        pipe.enable_fast_path()
     return pipe
 
 

@@ -11,13 +11,15 @@ depend on them):
 4. in each up block, one residual after each resnet (+ its attention) and one after the upsampler.
 
 They are applied with forward hooks registered for the duration of one call and removed
-afterwards, also when the call raises. Hooks instead of a re-implemented UNet forward keep every
+afterwards, also when the call raises (or, for a UNet about to be compiled, with hooks installed
+once that read the call's residuals from fixed slots: see `install_residual_slots`). Hooks instead of a re-implemented UNet forward keep every
 diffusers feature that lives in the stock forward and its blocks (LoRA, IP-Adapter, attention
 processors, FreeU, gradient checkpointing) working unchanged. Each hook adds one fixed tensor to
 one module's output, so it is idempotent: gradient checkpointing may re-run a module during the
 backward pass and gets the same value again.
 """
 
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -77,13 +79,15 @@ def brushnet_residuals(
 ):
     """Within this context every forward of `unet` adds the given BrushNet residuals."""
     down_points, mid_point, up_points = injection_points(unet)
-    n_down, n_up = 1 + len(down_points), len(up_points)
-    if len(down_block_add_samples) != n_down or len(up_block_add_samples) != n_up:
-        raise ValueError(
-            f"The UNet takes {n_down} down and {n_up} up BrushNet residuals, got {len(down_block_add_samples)} "
-            f"and {len(up_block_add_samples)}: the BrushNet was made for another base model family "
-            "(SD1.5 vs SDXL) or layout."
-        )
+    _check_counts(1 + len(down_points), len(up_points), down_block_add_samples, up_block_add_samples)
+    slots = _SLOTS.get(getattr(unet, "_orig_mod", unet))
+    if slots is not None:  # hooks installed for good: fill their slots for this call
+        slots.fill(down_block_add_samples, mid_block_add_sample, up_block_add_samples)
+        try:
+            yield unet
+        finally:
+            slots.clear()
+        return
     first_block = getattr(unet, "_orig_mod", unet).down_blocks[0]
     handles = [first_block.register_forward_pre_hook(_add_to_input(down_block_add_samples[0]), with_kwargs=True)]
     try:
@@ -96,6 +100,77 @@ def brushnet_residuals(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class ResidualSlots:
+    """The residuals of the UNet call in progress, read by hooks that stay on the UNet.
+
+    torch.compile does not guard on a module's hooks (dynamo's `skip_nnmodule_hook_guards`), so a
+    compiled UNet would keep running the hooks it was traced with, whatever is registered later.
+    Hooks installed once, reading these slots, are traced with the slots' tensors as graph inputs
+    and `active` as a guard: one captured variant with residuals, one without, never stale.
+    """
+
+    def __init__(self, n_down: int, n_up: int):
+        self.n_down, self.n_up = n_down, n_up
+        self.clear()
+
+    def fill(self, down: Sequence[torch.Tensor], mid: torch.Tensor, up: Sequence[torch.Tensor]) -> None:
+        _check_counts(self.n_down, self.n_up, down, up)
+        self.active, self.down, self.mid, self.up = True, list(down), mid, list(up)
+
+    def clear(self) -> None:
+        self.active, self.down, self.mid, self.up = False, [], None, []
+
+
+_SLOTS: "weakref.WeakKeyDictionary[nn.Module, ResidualSlots]" = weakref.WeakKeyDictionary()
+
+
+def install_residual_slots(unet) -> ResidualSlots:
+    """Install the injection hooks on `unet` for good, reading `ResidualSlots` (idempotent);
+    `unet_forward` then fills the slots instead of registering hooks per call. For UNets that
+    are to be compiled; the residuals enter at the same points in the same order."""
+    unet = getattr(unet, "_orig_mod", unet)
+    if unet in _SLOTS:
+        return _SLOTS[unet]
+    down_points, mid_point, up_points = injection_points(unet)
+    slots = ResidualSlots(1 + len(down_points), len(up_points))
+    unet.down_blocks[0].register_forward_pre_hook(_add_slot_to_input(slots), with_kwargs=True)
+    for index, module in enumerate(down_points, start=1):
+        module.register_forward_hook(_add_slot_to_output(slots, "down", index))
+    mid_point.register_forward_hook(_add_slot_to_output(slots, "mid", None))
+    for index, module in enumerate(up_points):
+        module.register_forward_hook(_add_slot_to_output(slots, "up", index))
+    _SLOTS[unet] = slots
+    return slots
+
+
+def _add_slot_to_output(slots: ResidualSlots, kind: str, index: int | None):
+    def hook(module, args, output):
+        if not slots.active:
+            return output
+        residual = slots.mid if kind == "mid" else getattr(slots, kind)[index]
+        return _add_to_output(residual)(module, args, output)
+
+    return hook
+
+
+def _add_slot_to_input(slots: ResidualSlots):
+    def pre_hook(module, args, kwargs):
+        if not slots.active:
+            return args, kwargs
+        return _add_to_input(slots.down[0])(module, args, kwargs)
+
+    return pre_hook
+
+
+def _check_counts(n_down: int, n_up: int, down, up) -> None:
+    if len(down) != n_down or len(up) != n_up:
+        raise ValueError(
+            f"The UNet takes {n_down} down and {n_up} up BrushNet residuals, got {len(down)} "
+            f"and {len(up)}: the BrushNet was made for another base model family "
+            "(SD1.5 vs SDXL) or layout."
+        )
 
 
 def unet_forward(

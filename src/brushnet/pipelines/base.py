@@ -23,10 +23,14 @@ from ..arguments import (
 )
 from ..masks import batch_size_of, check_same_size, image_size, preprocess_mask
 from ..models import BrushNetModel, count_residuals, unet_forward
+from ..models.injection import install_residual_slots
 from ..models.compatibility import mismatch_message
 from .blending import blend_tensors
 
 logger = logging.getLogger(__name__)
+# torch.compile's backend for `enable_fast_path` (tests use "aot_eager": the same graph capture
+# and recompilation rules, without inductor's code generation).
+COMPILE_BACKEND = "inductor"
 
 
 def _unwrap(module):
@@ -64,6 +68,40 @@ class BrushNetPipelineMixin:
     """Shared steps of the BrushNet pipelines. Expects `vae`, `unet`, `brushnet`, `scheduler`."""
 
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+
+    def enable_fast_path(self, *, mode: str | None = None, backend: str | None = None, fullgraph: bool = False,
+                         fuse_qkv: bool = False, channels_last: bool | None = None) -> None:
+        """Compile the UNet and the branch with `torch.compile`, the work of every denoising step.
+
+        The residuals still enter the stock UNet through hooks, installed once
+        (`install_residual_slots`): dynamo traces them inline and lifts the residual tensors as
+        graph inputs, so calls of the same shapes never recompile (prompts, seeds, guidance, conditioning scale, start/end and
+        step counts change freely; `tests/test_fast_path.py` checks it). The first call of each
+        image size pays the compilation (inductor caches it on disk for the next process).
+
+        - `mode`: torch.compile's; default "reduce-overhead" on CUDA (CUDA graphs: the step is
+          launch-bound at 512x512) and the default mode elsewhere.
+        - `backend`: default `COMPILE_BACKEND` ("inductor").
+        - `fuse_qkv`: fuse each attention's q/k/v projections (diffusers' `fuse_qkv_projections`;
+          off by default: it changes the attention processors LoRA and IP-Adapter load into).
+        - `channels_last`: NHWC weights and activations; default on CUDA only.
+        Call it after moving the pipeline to its device and loading any LoRA.
+        """
+        cuda = self._execution_device.type == "cuda"
+        if mode is None and cuda:
+            mode = "reduce-overhead"
+        if channels_last is None:
+            channels_last = cuda
+        unet, branch = _unwrap(self.unet), _unwrap(self.brushnet)
+        if fuse_qkv:
+            unet.fuse_qkv_projections()
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+            branch.to(memory_format=torch.channels_last)
+        install_residual_slots(unet)  # hooks the compiled graph can trust (see ResidualSlots)
+        options = {"mode": mode, "backend": backend or COMPILE_BACKEND, "fullgraph": fullgraph}
+        self.unet = torch.compile(unet, **options)
+        self.brushnet = torch.compile(branch, **options)
 
     def _init_processors(self) -> None:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
@@ -248,9 +286,8 @@ class BrushNetPipelineMixin:
         conditional half only and gives the unconditional half no residual. At scale 0 the branch
         is skipped entirely. `conditioning` has one row per image, or already one per CFG row.
         """
-        if scale == 0.0:
-            return self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False,
-                             **unet_kwargs)[0]
+        if scale == 0.0:  # called as unet_forward calls it, so a compiled UNet sees one signature
+            return self.unet(latent_model_input, t, prompt_embeds, return_dict=False, **unet_kwargs)[0]
         cfg = self.do_classifier_free_guidance
         branch = _unwrap(self.brushnet)
         if branch.has_attention and brushnet_prompt_embeds is None:
@@ -275,7 +312,8 @@ class BrushNetPipelineMixin:
             branch_cond = torch.cat([conditioning] * 2) if doubled else conditioning
         down, mid, up = self.brushnet(
             branch_input, t, encoder_hidden_states=branch_embeds, brushnet_cond=branch_cond,
-            conditioning_scale=scale, guess_mode=guess_mode, added_cond_kwargs=branch_added, return_dict=False,
+            conditioning_scale=self._scale_argument(scale, branch_input), guess_mode=guess_mode,
+            added_cond_kwargs=branch_added, return_dict=False,
         )
         if half_batch:
             other_half = torch.zeros_like if guess_mode else (lambda r: r)
@@ -284,6 +322,13 @@ class BrushNetPipelineMixin:
             up = [torch.cat([other_half(r), r]) for r in up]
         return unet_forward(self.unet, latent_model_input, t, prompt_embeds, down_block_add_samples=down,
                             mid_block_add_sample=mid, up_block_add_samples=up, **unet_kwargs)
+
+    def _scale_argument(self, scale: float, like: torch.Tensor):
+        # A compiled branch specialises on Python floats (a new scale would recompile it); a 0-d
+        # tensor is a graph input instead. Eager keeps the float: bit-identical to the reference.
+        if isinstance(self.brushnet, torch._dynamo.eval_frame.OptimizedModule):
+            return torch.tensor(scale, device=like.device, dtype=torch.float32)
+        return scale
 
     # -- output -------------------------------------------------------------------------------
 
