@@ -8,6 +8,7 @@ tests/test_pipelines.py); only the work differs.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3 --dtype bf16
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3 --compile
 """
 
 import argparse
@@ -70,6 +71,8 @@ def main():
     parser.add_argument("--num-images", type=int, default=1, help="images per call (the batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the fast path (enable_fast_path: torch.compile, CUDA graphs on a GPU)")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
@@ -99,11 +102,25 @@ def main():
             call()
             times.append(time.perf_counter() - start)
         results[name] = statistics.median(times)
+    if args.compile:
+        pipe.__dict__.pop("predict_noise", None), pipe.__dict__.pop("_vae_encode", None)
+        pipe.enable_fast_path()
+        start = time.perf_counter()
+        call()  # compiles
+        warm_up = time.perf_counter() - start
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        results["fast path"] = statistics.median(times)
     print(f"device={args.device} dtype={args.dtype} size={args.size} images={args.num_images} steps={args.steps} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     for name, seconds in results.items():
         print(f"{name:10s} {seconds:8.2f} s/call  {seconds / args.steps:7.2f} s/step")
     print(f"speed-up   {results['reference'] / results['ours']:.2f}x")
+    if args.compile:
+        print(f"fast path: first call (compiling) {warm_up:.1f} s; {results['ours'] / results['fast path']:.2f}x eager")
     print(f"peak memory: {peak_memory(args.device)}")
 
 

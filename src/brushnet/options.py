@@ -53,7 +53,8 @@ def add_model_options(parser, demo_default: bool = True) -> None:
                        help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
     group.add_argument("--compile", action="store_true",
                        help="compile the UNet and BrushNet (torch.compile; CUDA graphs on a GPU): the first image of "
-                            "each size waits for the compilation, the rest run faster")
+                            "each size waits for the compilation, the rest run faster on a GPU (on CPUs measured "
+                            "slower than eager, BENCHMARKS.md)")
 
 
 # -- checks of what the user typed ---------------------------------------------------------------
