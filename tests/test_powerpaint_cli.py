@@ -102,3 +102,11 @@ def test_convert_writes_a_safetensors_copy_of_the_text_encoder(powerpaint, tmp_p
     copy = load_file(release / "text_encoder_brushnet.safetensors")
     original = torch.load(release / "pytorch_model.bin", weights_only=True)
     assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)
+
+
+def test_strength_works_with_powerpaint(powerpaint, tmp_path):
+    folder, models = powerpaint
+    out = tmp_path / "soft.png"
+    assert main(["inpaint", str(folder / "init_image.png"), str(folder / "mask.png"), "--task", "remove",
+                 "--strength", "0.5", "--out", str(out), *models]) == 0
+    assert read_png_params(out)["strength"] == 0.5
