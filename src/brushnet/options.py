@@ -44,13 +44,16 @@ def add_model_options(parser, demo_default: bool = True) -> None:
     group.add_argument("--allow-pickle", action="store_true",
                        help="allow .ckpt/.bin/.pt checkpoints (pickles can run code: only for files you trust)")
     group.add_argument("--scheduler", default="unipc", help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, "
-                                                           "euler_a or pndm")
+                                                           "euler_a, pndm, lcm or tcd")
     group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="weights precision (auto: fp16 on GPU; on CPU bf16 where the CPU computes it natively, "
                             "AVX512-BF16 or AMX, else fp32)")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                       help="a LoRA of the base model (diffusers or kohya .safetensors), at WEIGHT (default 1); "
+                            "repeatable. Few-step LoRAs (LCM, TCD) go with --scheduler lcm or tcd")
     group.add_argument("--compile", action="store_true",
                        help="compile the UNet and BrushNet (torch.compile; CUDA graphs on a GPU): the first image of "
                             "each size waits for the compilation, the rest run faster on a GPU (on CPUs measured "
@@ -171,6 +174,7 @@ def load_pipeline_from_args(args, device: str, dtype):
     pipe = load_pipeline(args.base, args.brushnet, torch_dtype=dtype, allow_pickle=args.allow_pickle,
                          base_config=args.base_config)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    load_loras(pipe, getattr(args, "lora", []), allow_pickle=args.allow_pickle)
     if args.offload == "none":
         pipe.to(device)
     elif args.offload == "model":
@@ -182,6 +186,43 @@ def load_pipeline_from_args(args, device: str, dtype):
     return pipe
 
 
+def parse_lora(text: str) -> tuple[Path, float]:
+    """FILE[:WEIGHT] of --lora (a colon that is not followed by a number belongs to the path)."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), user_checked(check_number, float(weight), f"--lora {text} weight", low=-10, high=10)
+        except ValueError as error:
+            if isinstance(error, UserError):
+                raise
+    return Path(text), 1.0
+
+
+def load_loras(pipe, specs: list[str], allow_pickle: bool = False) -> None:
+    """Load each --lora into the pipeline (diffusers' own LoRA loading, as `load_lora_weights`)
+    and set their weights; a file that is missing, a pickle, or not a LoRA of this base is one line."""
+    if not specs:
+        return
+    names, weights = [], []
+    for k, spec in enumerate(specs):
+        path, weight = parse_lora(spec)
+        if not path.is_file():
+            raise UserError(f"--lora {path} does not exist (give a .safetensors file)")
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise UserError(f"--lora {path} is not a .safetensors file; loading a pickle can run code: convert it, or "
+                            "pass --allow-pickle if you trust it")
+        name = f"lora{k}"
+        try:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        except Exception as error:  # noqa: BLE001 - diffusers and peft raise many types for a file that does not fit
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"--lora {path} could not be loaded into this base model ({first[:200]}): is it a LoRA "
+                            "of this model family (SD1.5 or SDXL)?") from None
+        names.append(name)
+        weights.append(weight)
+    pipe.set_adapters(names, adapter_weights=weights)
+
+
 def model_params(args, dtype) -> dict:
     """What outputs record about the models: names, weight fingerprints, scheduler, precision."""
     from .demo.model import DEMO_MODEL_NAME
@@ -189,6 +230,10 @@ def model_params(args, dtype) -> dict:
 
     names = ((DEMO_MODEL_NAME, DEMO_MODEL_NAME + " (brushnet)") if getattr(args, "demo_model", False)
              else (str(args.base), str(args.brushnet)))
-    return {"base": names[0], "brushnet": names[1], "base_hash": model_fingerprint(args.base),
-            "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
-            "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
+    params = {"base": names[0], "brushnet": names[1], "base_hash": model_fingerprint(args.base),
+              "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
+              "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
+    if getattr(args, "lora", None):
+        params["loras"] = [{"file": parse_lora(spec)[0].name, "weight": parse_lora(spec)[1],
+                            "hash": model_fingerprint(parse_lora(spec)[0])} for spec in args.lora]
+    return params

@@ -5,7 +5,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -19,6 +21,9 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    # For few-step LoRAs (LCM-LoRA, TCD-LoRA, loaded with --lora): 4-8 steps, guidance 1-2.
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 
 

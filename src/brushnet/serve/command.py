@@ -46,7 +46,7 @@ def add_serve_command(commands) -> argparse.ArgumentParser:
                                 "downloaded hub id (e.g. IDEA-Research/grounding-dino-tiny)")
     group = serve.add_argument_group("model loading (as for brushnet inpaint)")
     group.add_argument("--scheduler", default="unipc",
-                       help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, euler_a or pndm")
+                       help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, euler_a, pndm, lcm or tcd")
     group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="weights precision (auto: fp16 on GPU; on CPU bf16 where the CPU computes it natively, "
                             "AVX512-BF16 or AMX, else fp32)")
