@@ -233,7 +233,6 @@ def model_params(args, dtype) -> dict:
     params = {"base": names[0], "brushnet": names[1], "base_hash": model_fingerprint(args.base),
               "brushnet_hash": model_fingerprint(args.brushnet), "scheduler": args.scheduler,
               "dtype": str(dtype).removeprefix("torch."), "brushnet_version": __version__}
-    if getattr(args, "lora", None):
-        params["loras"] = [{"file": parse_lora(spec)[0].name, "weight": parse_lora(spec)[1],
-                            "hash": model_fingerprint(parse_lora(spec)[0])} for spec in args.lora]
+    params["loras"] = [{"file": path.name, "weight": weight, "hash": model_fingerprint(path)}
+                       for path, weight in map(parse_lora, getattr(args, "lora", None) or [])]
     return params
