@@ -101,3 +101,32 @@ def test_powerpaint_compiled_equals_eager(golden):
     fast.enable_fast_path()
     for kwargs in ({"task": "object-removal", "prompt": ""}, {"task": "shape-guided", "fitting_degree": 0.5}):
         assert np.abs(_run(fast, image, mask, **kwargs) - _run(eager, image, mask, **kwargs)).max() < 1e-5
+
+
+@pytest.mark.parametrize("case_name, pipeline_class", [
+    ("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline),
+    ("sdxl_tiny_pipeline", StableDiffusionXLBrushNetPipeline),
+])
+def test_reusing_the_branch_runs_it_less_and_stays_close(golden, case_name, pipeline_class, capsys):
+    """brushnet_every=k: the branch runs on every k-th step; the drift from running it on every step
+    is measured here (and bounded a little above what was measured)."""
+    case = golden(case_name)
+    image, mask = _inputs(case)
+    pipe = pipeline_class.from_pretrained(case.dir)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    handle = pipe.brushnet.register_forward_pre_hook(lambda *a: calls.append(1))
+    exact = _run(pipe, image, mask, num_inference_steps=10)
+    assert len(calls) == 10
+    for every, bound in ((2, 3e-3), (3, 5e-3)):  # measured 6.9e-4 / 1.0e-3 (SD1.5), 9.1e-4 / 1.4e-3 (SDXL)
+        calls.clear()
+        approximate = _run(pipe, image, mask, num_inference_steps=10, brushnet_every=every)
+        assert len(calls) == len(range(0, 10, every))
+        drift = np.abs(approximate - exact).mean()
+        with capsys.disabled():
+            print(f"\n{case_name} brushnet_every={every}: mean |drift| {drift:.2e}")
+        assert 0 < drift < bound
+    handle.remove()
+    assert np.array_equal(_run(pipe, image, mask, num_inference_steps=10, brushnet_every=1), exact)
+    with pytest.raises(ValueError, match="brushnet_every must be a whole number in \\[1, 100\\]"):
+        _run(pipe, image, mask, brushnet_every=0)

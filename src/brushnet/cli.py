@@ -182,6 +182,9 @@ def _add_generation_options(parser) -> None:
     group.add_argument("--strength", type=float, default=1.0,
                        help="below 1: start from the image noised to this fraction of the steps, keeping its "
                             "colours (default 1: from noise)")
+    group.add_argument("--brushnet-every", type=int, default=1, metavar="K",
+                       help="run the BrushNet branch on every K-th step only, reusing its residuals between: "
+                            "faster, approximate (default 1: every step; drift and quality in BENCHMARKS.md)")
 
 
 def _add_output_options(parser, batch: bool) -> None:
@@ -515,7 +518,8 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
             prompt=job["prompt"], negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
             blend=args.blend, blend_kernel=args.blend_kernel or inpainting.default_blend_kernel(pipe),
-            crop_to_mask=args.crop_to_mask, context=args.context, strength=args.strength, extra=keywords,
+            crop_to_mask=args.crop_to_mask, context=args.context, strength=args.strength,
+            brushnet_every=args.brushnet_every, extra=keywords,
         )
         try:
             image, mask = _read_job(job, args)

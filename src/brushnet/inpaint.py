@@ -50,6 +50,7 @@ class InpaintSettings:
     crop_to_mask: bool = False
     context: float = 0.3
     strength: float = 1.0  # < 1: start from the photo noised to this fraction of the schedule
+    brushnet_every: int = 1  # > 1: the branch runs every k-th step, its residuals reused between
     extra: dict = field(default_factory=dict)  # further pipeline keywords
 
     def as_dict(self) -> dict:
@@ -88,6 +89,7 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
         check_blend_kernel(settings.blend_kernel, name("blend_kernel"))
     check_number(settings.context, name("context"), low=0.0, high=10.0)
     check_number(settings.strength, name("strength"), low=0.0, high=1.0, low_inclusive=False)
+    check_number(settings.brushnet_every, name("brushnet_every"), low=1, high=100, integer=True)
     check_text(settings.prompt, name("prompt"))
     check_text(settings.negative_prompt, name("negative_prompt"))
 
@@ -141,7 +143,7 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
                 guidance_scale=settings.guidance, brushnet_conditioning_scale=settings.scale,
                 control_guidance_start=settings.start, control_guidance_end=settings.end,
                 num_images_per_prompt=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
-                callback_on_step_end=step_end, output_type="pil", **_strength_keyword(settings), **settings.extra,
+                callback_on_step_end=step_end, output_type="pil", **_optional_keywords(settings), **settings.extra,
             ).images
             for result in results:
                 result = result.resize(region.size, PIL.Image.LANCZOS)
@@ -152,9 +154,10 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
                 yield full
 
 
-def _strength_keyword(settings: InpaintSettings) -> dict:
-    # Only pipelines with `strength` take the keyword; at 1.0, its default, every pipeline works.
-    return {} if settings.strength == 1.0 else {"strength": settings.strength}
+def _optional_keywords(settings: InpaintSettings) -> dict:
+    # Sent only when they differ from their defaults, so any pipeline without them still works.
+    keywords = {"strength": settings.strength, "brushnet_every": settings.brushnet_every}
+    return {k: v for k, v in keywords.items() if v != InpaintSettings.__dataclass_fields__[k].default}
 
 
 @contextlib.contextmanager

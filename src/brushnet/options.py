@@ -86,6 +86,8 @@ def check_generation_args(args) -> None:
         user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
     if getattr(args, "context", None) is not None:
         user_checked(check_number, args.context, "--context", low=0.0, high=10.0)
+    if getattr(args, "brushnet_every", None) is not None:
+        user_checked(check_number, args.brushnet_every, "--brushnet-every", low=1, high=100, integer=True)
     if getattr(args, "strength", None) is not None:
         user_checked(check_number, args.strength, "--strength", low=0.0, high=1.0, low_inclusive=False)
     for name in ("prompt", "negative_prompt"):

@@ -276,7 +276,7 @@ class BrushNetPipelineMixin:
     # -- one denoising step -------------------------------------------------------------------
 
     def predict_noise(self, latent_model_input, t, prompt_embeds, conditioning, scale, *, guess_mode,
-                      unet_kwargs, brushnet_added_cond_kwargs=None, brushnet_prompt_embeds=None):
+                      unet_kwargs, brushnet_added_cond_kwargs=None, brushnet_prompt_embeds=None, reuse=None):
         """The UNet's noise prediction (before CFG) with BrushNet's residuals for this step.
 
         Under CFG the branch runs once for both halves when its input is the same for both (an SD1.5
@@ -285,9 +285,22 @@ class BrushNetPipelineMixin:
         prompts) through cross-attention, so those run on the full batch. Guess mode runs it on the
         conditional half only and gives the unconditional half no residual. At scale 0 the branch
         is skipped entirely. `conditioning` has one row per image, or already one per CFG row.
+        `reuse` (a `BranchReuse`, see `brushnet_every`) may hand back the residuals of an earlier step.
         """
         if scale == 0.0:  # called as unet_forward calls it, so a compiled UNet sees one signature
             return self.unet(latent_model_input, t, prompt_embeds, return_dict=False, **unet_kwargs)[0]
+        residuals = reuse.residuals(scale) if reuse is not None else None
+        if residuals is None:
+            residuals = self._branch_residuals(latent_model_input, t, prompt_embeds, conditioning, scale,
+                                               guess_mode, brushnet_added_cond_kwargs, brushnet_prompt_embeds)
+            if reuse is not None:
+                reuse.keep(residuals, scale, compiled=_is_compiled(self.brushnet))
+        down, mid, up = residuals
+        return unet_forward(self.unet, latent_model_input, t, prompt_embeds, down_block_add_samples=down,
+                            mid_block_add_sample=mid, up_block_add_samples=up, **unet_kwargs)
+
+    def _branch_residuals(self, latent_model_input, t, prompt_embeds, conditioning, scale, guess_mode,
+                          brushnet_added_cond_kwargs, brushnet_prompt_embeds):
         cfg = self.do_classifier_free_guidance
         branch = _unwrap(self.brushnet)
         if branch.has_attention and brushnet_prompt_embeds is None:
@@ -320,13 +333,12 @@ class BrushNetPipelineMixin:
             down = [torch.cat([other_half(r), r]) for r in down]
             mid = torch.cat([other_half(mid), mid])
             up = [torch.cat([other_half(r), r]) for r in up]
-        return unet_forward(self.unet, latent_model_input, t, prompt_embeds, down_block_add_samples=down,
-                            mid_block_add_sample=mid, up_block_add_samples=up, **unet_kwargs)
+        return down, mid, up
 
     def _scale_argument(self, scale: float, like: torch.Tensor):
         # A compiled branch specialises on Python floats (a new scale would recompile it); a 0-d
         # tensor is a graph input instead. Eager keeps the float: bit-identical to the reference.
-        if isinstance(self.brushnet, torch._dynamo.eval_frame.OptimizedModule):
+        if _is_compiled(self.brushnet):
             return torch.tensor(scale, device=like.device, dtype=torch.float32)
         return scale
 
@@ -344,6 +356,41 @@ class BrushNetPipelineMixin:
                     images[i] = 0
         return self.image_processor.postprocess(images, output_type=output_type,
                                                 do_denormalize=[False] * images.shape[0])
+
+
+def _is_compiled(module) -> bool:
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+
+
+class BranchReuse:
+    """`brushnet_every=k`: the branch runs on every k-th step and its residuals are reused on the
+    steps between, an approximation that saves the branch's share of those steps (measured drift
+    and quality in BENCHMARKS.md). Residuals are reused only at the scale they were made with."""
+
+    def __init__(self, every: int):
+        self.every, self.step = every, 0
+        self._kept, self._scale = None, None
+
+    @classmethod
+    def for_call(cls, every: int):
+        """None for every=1 (the exact path); else a fresh reuse state for one call."""
+        check_number(every, "brushnet_every", low=1, high=100, integer=True)
+        return None if every == 1 else cls(int(every))
+
+    def at_step(self, index: int) -> "BranchReuse":
+        self.step = index
+        return self
+
+    def residuals(self, scale: float):
+        if self._kept is None or self.step % self.every == 0 or scale != self._scale:
+            return None
+        return self._kept
+
+    def keep(self, residuals, scale: float, compiled: bool) -> None:
+        # A compiled branch on CUDA graphs overwrites its outputs at the next replay: keep copies.
+        down, mid, up = residuals
+        copy = (lambda r: r.clone()) if compiled else (lambda r: r)  # noqa: E731
+        self._kept, self._scale = ([copy(r) for r in down], copy(mid), [copy(r) for r in up]), scale
 
 
 def _hub_kwargs(kwargs: dict) -> dict:

@@ -155,6 +155,7 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         blend: bool = False,
         blend_kernel: int = 21,
         strength: float = 1.0,
+        brushnet_every: int = 1,
         promptA: str | list[str] | None = None,  # noqa: N803 -- the authors' keyword names
         promptB: str | list[str] | None = None,  # noqa: N803
         promptU: str | list[str] | None = None,  # noqa: N803
@@ -237,5 +238,5 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
             output_type=output_type, blend=blend, blend_kernel=blend_kernel, return_dict=return_dict,
-            branch_kwargs={"brushnet_prompt_embeds": branch_embeds},
+            branch_kwargs={"brushnet_prompt_embeds": branch_embeds}, brushnet_every=brushnet_every,
         )

@@ -17,7 +17,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..models import BrushNetModel
-from .base import BrushNetPipelineMixin, brushnet_scale_schedule
+from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
 
 
 class StableDiffusionBrushNetPipeline(
@@ -112,6 +112,7 @@ class StableDiffusionBrushNetPipeline(
         blend: bool = False,
         blend_kernel: int = 21,
         strength: float = 1.0,
+        brushnet_every: int = 1,
     ):
         """Inpaint `image` where `mask` is white, guided by `prompt`.
 
@@ -120,7 +121,8 @@ class StableDiffusionBrushNetPipeline(
         the original through a blurred mask, kernel `blend_kernel`) and `strength` (in (0, 1]: start
         from the image's own latent noised to that fraction of the schedule and run only that
         fraction of the steps, as diffusers' inpainting pipeline does; 1.0, the default, starts
-        from pure noise). Unknown keywords raise `TypeError`. Returns
+        from pure noise) and `brushnet_every` (run the branch on every k-th step only and reuse its
+        residuals between: an approximation, off at the default 1). Unknown keywords raise `TypeError`. Returns
         `StableDiffusionPipelineOutput(images, nsfw_content_detected)`.
         """
         # 1. Check inputs
@@ -158,15 +160,19 @@ class StableDiffusionBrushNetPipeline(
             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
             output_type=output_type, blend=blend, blend_kernel=blend_kernel, return_dict=return_dict,
+            brushnet_every=brushnet_every,
         )
 
     def inpaint_from_embeds(self, image, mask, height, width, total, device, prompt_embeds, negative_prompt_embeds,
                             *, num_inference_steps, timesteps, strength, generator, latents, eta, scale, start, end,
                             guess_mode, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end,
-                            callback_tensor_inputs, output_type, blend, blend_kernel, return_dict, branch_kwargs=None):
+                            callback_tensor_inputs, output_type, blend, blend_kernel, return_dict, branch_kwargs=None,
+                            brushnet_every=1):
         """Steps 3-6 of a call, once the prompts are encoded (`prompt_embeds` CFG-doubled as
         `[negative; positive]`): image and mask, timesteps, denoising, decoding. `branch_kwargs` go
         to every branch call (the PowerPaint pipeline passes its task prompts)."""
+        reuse = BranchReuse.for_call(brushnet_every)
+        branch_kwargs = {**(branch_kwargs or {}), **({"reuse": reuse} if reuse is not None else {})}
         unet_kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs}
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
@@ -203,9 +209,11 @@ class StableDiffusionBrushNetPipeline(
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                if reuse is not None:
+                    reuse.at_step(i)
                 noise_pred = self.predict_noise(
                     latent_model_input, t, prompt_embeds, conditioning, scales[i],
-                    guess_mode=guess_mode, unet_kwargs=unet_kwargs, **(branch_kwargs or {}),
+                    guess_mode=guess_mode, unet_kwargs=unet_kwargs, **branch_kwargs,
                 )
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from ..models import BrushNetModel
-from .base import BrushNetPipelineMixin, brushnet_scale_schedule
+from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
 from .pipeline_sd import _check_callback_inputs, _resolve_mask
 
 
@@ -151,6 +151,7 @@ class StableDiffusionXLBrushNetPipeline(
         blend: bool = False,
         blend_kernel: int = 21,
         strength: float = 1.0,
+        brushnet_every: int = 1,
     ):
         """Inpaint `image` where `mask` is white, guided by `prompt` (and `prompt_2`).
 
@@ -255,6 +256,7 @@ class StableDiffusionXLBrushNetPipeline(
             timesteps = timesteps[:num_inference_steps]
 
         # 6. Denoise
+        reuse = BranchReuse.for_call(brushnet_every)
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -269,6 +271,7 @@ class StableDiffusionXLBrushNetPipeline(
                 noise_pred = self.predict_noise(
                     latent_model_input, t, prompt_embeds, conditioning, scales[i], guess_mode=guess_mode,
                     unet_kwargs=step_unet_kwargs, brushnet_added_cond_kwargs=added_cond_kwargs,
+                    **({"reuse": reuse.at_step(i)} if reuse is not None else {}),
                 )
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
