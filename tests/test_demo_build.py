@@ -38,3 +38,28 @@ def test_build_runs_every_stage_and_resumes(tmp_path):
                  "--out", str(tmp_path / "result.png")]) == 0
     result = np.asarray(Image.open(tmp_path / "result.png").convert("RGB"))
     assert result.shape == (64, 64, 3)
+
+
+def test_fine_tuning_the_shipped_brushnet_with_the_drawn_mix(tmp_path):
+    from brushnet.demo.model import DEMO_MODEL_DIR
+
+    shipped = {p.relative_to(DEMO_MODEL_DIR): p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()}
+    out = tmp_path / "ft"
+    command = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--stage", "brushnet", "--brushnet-from",
+               "shipped", "--mask-mix", "drawn", "--scene-layout", "varied", "--scenes", "16", "--batch", "4",
+               "--brushnet-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "shipped" / "brushnet").is_dir() and len(list((out / "data").glob("*.png"))) == 16
+    assert (out / "brushnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assemble = subprocess.run([sys.executable, str(TOOL), str(out), "--stage", "assemble"], capture_output=True,
+                              text=True, env=env, timeout=300)
+    assert assemble.returncode == 0, assemble.stderr[-2000:]
+    # The shipped base is the base, unchanged; without --install the package's model is untouched.
+    for part in ("unet", "vae", "text_encoder"):
+        [ours] = (out / "demo-model" / part).glob("*.safetensors")
+        [theirs] = (DEMO_MODEL_DIR / part).glob("*.safetensors")
+        assert ours.read_bytes() == theirs.read_bytes(), part
+    assert shipped == {p.relative_to(DEMO_MODEL_DIR): p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")
+                       if p.is_file()}

@@ -193,3 +193,65 @@ def test_write_folder_refuses_and_options(tmp_path):
     assert sorted(p.suffix for p in empty.iterdir()) == [".png", ".png", ".txt", ".txt"]
     with pytest.raises(ValueError):
         scenes.write_folder(tmp_path / "bad", [0], masks="png")
+
+
+# The held-out scenes that tests/test_demo_model.py and BENCHMARKS.md score: their pixels, captions
+# and masks, pinned (the varied layout was added without changing them).
+HELDOUT_FINGERPRINT = "eee7279619d4085e4739fa978402309efccda59343b4c7f5166c432f640ec02b"
+
+
+def test_the_heldout_scenes_are_unchanged():
+    import hashlib
+
+    digest = hashlib.sha256()
+    for scene in scenes.iter_scenes(scenes.HELDOUT_SEEDS):
+        digest.update(scene.image.tobytes())
+        digest.update(scene.caption.encode())
+        for shape in scene.shapes:
+            digest.update(shape.mask.tobytes())
+        assert scene.case == "standard"
+    assert digest.hexdigest() == HELDOUT_FINGERPRINT
+
+
+@pytest.fixture(scope="module")
+def varied():
+    return list(scenes.iter_scenes(range(400), "varied"))
+
+
+def test_varied_layout_has_the_simple_cases(varied):
+    by_case = {case: [s for s in varied if s.case == case] for case in scenes.SCENE_CASES}
+    assert all(len(found) >= 30 for found in by_case.values()), {c: len(f) for c, f in by_case.items()}
+    for scene in by_case["one-on-plain"]:
+        assert len(scene.shapes) == 1 and scene.background.kind == "flat"
+        assert scene.caption == scenes.scene_caption([(scene.shapes[0].kind, scene.shapes[0].colour)], scene.background)
+    assert np.mean([len(s.shapes) == 2 for s in by_case["two"]]) > 0.9
+    for scene in by_case["overlap"]:
+        if len(scene.shapes) == 2:  # the second shape covers part of the first: they touch, their boxes cross
+            first, second = scene.shapes
+            left, top, right, bottom = first.box
+            assert second.box[0] < right and second.box[2] > left and second.box[1] < bottom and second.box[3] > top
+            assert (scenes.dilate(first.mask, 1) & second.mask).any()
+    for scene in by_case["border"]:
+        left, top, right, bottom = scene.shapes[0].box
+        assert min(left, top) == 0 or max(right, bottom) == scenes.SIZE  # cut by the image's edge
+    # Shapes keep the standard scenes' rules: exact palette colours, MIN_VISIBLE, no background colour.
+    for scene in varied:
+        pixels = np.asarray(scene.image)
+        union = np.zeros((scenes.SIZE, scenes.SIZE), bool)
+        for shape in scene.shapes:
+            assert shape.mask.any() and (pixels[shape.mask] == scenes.PALETTE[shape.colour]).all()
+            assert not (union & shape.mask).any()
+            union |= shape.mask
+        background = scenes.nearest_palette_colour(pixels[~union])
+        assert not {scenes.COLOURS.index(s.colour) for s in scene.shapes} & set(background.tolist())
+
+
+def test_varied_layout_is_deterministic_and_written(tmp_path, varied):
+    again = scenes.make_scene(7, "varied")
+    assert np.array_equal(np.asarray(again.image), np.asarray(varied[7].image)) and again.caption == varied[7].caption
+    assert not np.array_equal(np.asarray(scenes.make_scene(7).image), np.asarray(again.image)) or \
+        scenes.make_scene(7).caption != again.caption
+    folder = scenes.write_folder(tmp_path / "varied", [3, 7], layout="varied")
+    assert (folder / f"{scenes.scene_stem(7)}.txt").read_text().strip() == again.caption
+    with pytest.raises(ValueError, match="layout"):
+        scenes.make_scene(0, "messy")

@@ -20,6 +20,19 @@ trained:
     mkdir F && ln -s $PWD/B2/base F/base && ln -s $PWD/OUT/brushnet F/brushnet            # after `brushnet`
     python tools/build_demo_model.py F --stage assemble --install
 
+Fine-tuning the shipped BrushNet instead (against the shipped base, which stays as it is): the
+`brushnet` stage with `--brushnet-from shipped` copies the shipped model into OUT/shipped once,
+writes the scenes if OUT/data is missing, and trains from there; `--mask-mix` picks the training
+holes (`brushnet.data.mask_mix`; the shipped BrushNet was trained with `reference`) and
+`--scene-layout varied` adds the simple scenes (one shape on a plain background, two shapes,
+overlaps, shapes cut by the border); `--brushnet-from DIR` starts from any BrushNet folder.
+A fine-tune on drawn holes (measured in BENCHMARKS.md; not yet better than the shipped model, so
+not installed):
+
+    OMP_NUM_THREADS=1 python tools/build_demo_model.py FT --stage brushnet --brushnet-from shipped \
+        --mask-mix drawn --scene-layout varied --brushnet-steps 3600 --brushnet-lr 1e-4
+    python tools/build_demo_model.py FT --stage assemble [--install]
+
 Stages: `data` writes the training scenes (images, captions, per-shape RLE masks); `vae` trains an
 AutoencoderKL (64x64 -> 16x16x4); `base` trains a CLIP text encoder over the closed vocabulary
 together with an SD1.5-shaped UNet (epsilon prediction, 10 % empty captions) and saves a
@@ -173,14 +186,33 @@ def stage_base(out: Path, args, device):
                             ).save_pretrained(out / "base")
 
 
+def base_folder(out: Path) -> Path:
+    """The base the BrushNet trains against: the one this build trained, else the shipped one."""
+    return out / "base" if (out / "base").exists() else out / "shipped"
+
+
 def stage_brushnet(out: Path, args, device):
     from brushnet.training import TrainConfig, train
 
-    # Segmentation masks only (like the authors' segmentation_mask_brushnet): the reference's random
-    # brush strokes are 128 px wide, which at 64x64 would cover the whole scene.
+    brushnet_from = None
+    if args.brushnet_from != "scratch":
+        from brushnet.demo.model import DEMO_MODEL_DIR
+
+        # A copy, so that installing the result later does not pull the base away from under a
+        # resumed run, and so the run's starting point is on record next to it.
+        if not (out / "shipped").exists():
+            shutil.copytree(DEMO_MODEL_DIR, out / ".shipped.tmp", dirs_exist_ok=True)
+            (out / ".shipped.tmp").rename(out / "shipped")
+        if not (out / "data").exists():
+            write_folder(out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
+        brushnet_from = str(out / "shipped" / "brushnet") if args.brushnet_from == "shipped" else args.brushnet_from
+    # The reference mix at 64x64 means segmentation masks only (like the authors'
+    # segmentation_mask_brushnet): its random brush strokes are 128 px wide, the whole scene here;
+    # "strokes" and "drawn" scale them to the resolution.
     steps = args.brushnet_steps
     train(TrainConfig(
-        pretrained_model_name_or_path=str(out / "base"), train_data_dir=str(out / "data"),
+        pretrained_model_name_or_path=str(base_folder(out)), brushnet_model_name_or_path=brushnet_from,
+        mask_mix=args.mask_mix, train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
         learning_rate=args.brushnet_lr, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
@@ -192,7 +224,7 @@ def stage_assemble(out: Path, install: bool):
     from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline
     from brushnet.demo.model import DEMO_MODEL_DIR
 
-    pipe = StableDiffusionBrushNetPipeline.from_pretrained(out / "base", brushnet=BrushNetModel.from_pretrained(
+    pipe = StableDiffusionBrushNetPipeline.from_pretrained(base_folder(out), brushnet=BrushNetModel.from_pretrained(
         out / "brushnet"))
     # float16 on disk halves the package; the weights load back as float32 (measured in
     # BENCHMARKS.md on the shipped files, so the figures are the shipped model's).
@@ -224,6 +256,13 @@ def main():
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--brushnet-steps", type=int, default=2000)
     parser.add_argument("--brushnet-lr", type=float, default=3e-4)
+    parser.add_argument("--brushnet-from", default="scratch",
+                        help="brushnet: start from the base UNet (scratch), fine-tune the shipped BrushNet "
+                             "(shipped) or a BrushNet folder (a path; against the shipped base)")
+    parser.add_argument("--mask-mix", default="reference", choices=["reference", "strokes", "drawn"],
+                        help="brushnet: the training holes (brushnet.data.mask_mix)")
+    parser.add_argument("--scene-layout", default="standard", choices=["standard", "varied"],
+                        help="data: the training scenes' layout (brushnet.demo.scenes.LAYOUTS)")
     parser.add_argument("--install", action="store_true",
                         help="assemble: also copy the model into the package (src/brushnet/demo/model)")
     args = parser.parse_args()
@@ -232,7 +271,7 @@ def main():
     stages = ["data", "vae", "base", "brushnet", "assemble"] if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "data" and not (args.out / "data").exists():
-            write_folder(args.out / "data", TRAIN_SEEDS[: args.scenes])
+            write_folder(args.out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
         elif stage == "vae" and not (args.out / "vae").exists():
             stage_vae(args.out, args, args.device)
         elif stage == "base" and not (args.out / "base").exists():

@@ -11,6 +11,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from .mask_mix import MASK_MIXES
 from .transforms import training_sample
 
 logger = logging.getLogger("brushnet.data")
@@ -34,6 +35,9 @@ class Record:
     caption: str
     # Flat column-major RLEs over the image (BrushData), or bool (H, W) keep arrays; [] = keep all.
     segmentation_masks: list = field(default_factory=list)
+    # Optional: one caption per segmentation mask, and one of the background (see mask_mix).
+    object_captions: list = field(default_factory=list)
+    background_caption: str | None = None
 
 
 def decode_image(data: bytes) -> PIL.Image.Image:
@@ -119,7 +123,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
     applied to the decoded records that a subclass's `records()` yields."""
 
     def __init__(self, *, resolution: int, random_mask: bool, proportion_empty_prompts: float, seed: int,
-                 repeat: bool, rank: int, world_size: int):
+                 repeat: bool, rank: int, world_size: int, mask_mix: str = "reference"):
         super().__init__()
         check_split(rank, world_size)
         if resolution <= 0:
@@ -128,6 +132,9 @@ class RecordDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"proportion_empty_prompts must be in [0, 1]; got {proportion_empty_prompts}.")
         self.resolution = resolution
         self.random_mask = random_mask
+        if mask_mix not in MASK_MIXES:
+            raise ValueError(f"mask_mix must be one of {', '.join(MASK_MIXES)}; got {mask_mix!r}.")
+        self.mask_mix = mask_mix
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
         self.repeat = repeat
@@ -166,4 +173,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
                 random_mask=self.random_mask,
                 proportion_empty_prompts=self.proportion_empty_prompts,
                 segmentation_masks=record.segmentation_masks,
+                mask_mix=self.mask_mix,
+                object_captions=record.object_captions,
+                background_caption=record.background_caption,
             )

@@ -11,7 +11,9 @@ Layout (file names are matched by stem, case-sensitively; only the top level is 
                             extensions accepted
         cat.json            optional segmentation {"mask": [rle, ...]} in BrushData's format:
                             flat 1-indexed [start, length, ...] runs, column-major over the
-                            image's height x width, 1 = object (the initially KEPT region)
+                            image's height x width, 1 = object (the initially KEPT region);
+                            optionally "captions": [one per mask] and "background_caption",
+                            which `--mask_mix drawn` uses to caption a hole by what it holds
 
 A mask PNG wins over a JSON. The PNG's hole becomes keep = 1 - hole; the JSON's masks are used
 as BrushData's are (one at random). Without either, the reference's fallback applies: everything
@@ -94,7 +96,7 @@ def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
             caption = item.caption.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
             raise BrokenSample(f"unreadable caption file ({error})") from None
-    masks = []
+    masks, object_captions, background_caption = [], [], None
     if with_masks and item.mask is not None:
         try:
             hole = np.asarray(load_mask(item.mask)) > 0
@@ -108,7 +110,23 @@ def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
         masks = [~hole]
     elif with_masks and item.segmentation is not None:
         masks = read_segmentation(item.segmentation, image.height, image.width)
-    return Record(key=item.stem, image=image, caption=caption, segmentation_masks=masks)
+        object_captions, background_caption = read_hole_captions(item.segmentation, len(masks))
+    return Record(key=item.stem, image=image, caption=caption, segmentation_masks=masks,
+                  object_captions=object_captions, background_caption=background_caption)
+
+
+def read_hole_captions(path: Path, count: int) -> tuple[list[str], str | None]:
+    """The optional "captions" (one per mask) and "background_caption" of a segmentation JSON;
+    ([], None) where absent or malformed, so they never make a sample unusable."""
+    try:
+        segmentation = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [], None
+    captions = segmentation.get("captions")
+    if not (isinstance(captions, list) and len(captions) == count and all(isinstance(c, str) for c in captions)):
+        captions = []
+    background = segmentation.get("background_caption")
+    return captions, background if isinstance(background, str) and background else None
 
 
 def read_segmentation(path: Path, height: int, width: int) -> list:
@@ -143,6 +161,7 @@ class ImageFolderDataset(RecordDataset):
         *,
         resolution: int = 512,
         random_mask: bool = False,
+        mask_mix: str = "reference",
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
         shuffle: bool = True,
@@ -151,7 +170,8 @@ class ImageFolderDataset(RecordDataset):
         world_size: int = 1,
     ):
         super().__init__(resolution=resolution, random_mask=random_mask, proportion_empty_prompts=proportion_empty_prompts,
-                         seed=seed, repeat=repeat, rank=rank, world_size=world_size)
+                         seed=seed, repeat=repeat, rank=rank, world_size=world_size,
+                         mask_mix=mask_mix)
         self.folder = Path(folder)
         self.items = list_folder(folder)
         self.shuffle = shuffle

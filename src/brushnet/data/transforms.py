@@ -30,6 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import random_brush_mask, rle_decode
+from .mask_mix import (
+    DRAWN_INVERSION_PROBABILITY,
+    HOLE_CAPTION_PROBABILITY,
+    MASK_MIXES,
+    OBJECT_KINDS,
+    drawn_hole,
+    scaled_brush_mask,
+    scaled_opening_kernel,
+)
 
 OPENING_PROBABILITY = 0.3
 """Probability of the morphological opening of the mask (reference: `random.random() < 0.3`)."""
@@ -69,6 +78,8 @@ def choose_keep(
     keep=None,
     random_mask: bool = False,
     segmentation_masks=None,
+    mask_mix: str = "reference",
+    resolution: int | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The mask to train on, 1 = keep, as (bool (H, W) array, soft).
 
@@ -76,7 +87,19 @@ def choose_keep(
     `segmentation_masks` at random (each a flat column-major RLE over height x width, or an (H, W)
     array; the object is the kept region), else everything is kept. `soft` is True for the random
     brush, which the reference carries as float32 rather than uint8 (see `quantize_like_reference`).
+
+    `mask_mix` "strokes" and "drawn" (see `mask_mix`, they need the training `resolution`) replace
+    that choice: keep = 1 - the mix's hole, the segmentation masks being the objects it draws around.
     """
+    if mask_mix not in MASK_MIXES:
+        raise ValueError(f"mask_mix must be one of {', '.join(MASK_MIXES)}; got {mask_mix!r}.")
+    if mask_mix != "reference":
+        if resolution is None:
+            raise ValueError(f"mask_mix {mask_mix!r} scales with the training resolution: pass `resolution`.")
+        if mask_mix == "strokes":
+            return ~scaled_brush_mask(height, width, rng, resolution, max_tries=RANDOM_BRUSH_MAX_TRIES), True
+        keep, soft, _, _ = _drawn_keep(height, width, rng, segmentation_masks, resolution)
+        return keep, soft
     if random_mask:
         return ~random_brush_mask(height, width, rng, max_tries=RANDOM_BRUSH_MAX_TRIES), True
     if keep is not None:
@@ -89,6 +112,28 @@ def choose_keep(
             return _check_mask(chosen, height, width, "segmentation mask"), False
         return rle_decode(chosen, height, width, order="F"), False
     return np.ones((height, width), dtype=bool), False
+
+
+def _drawn_keep(height, width, rng, segmentation_masks, resolution):
+    """(keep, soft, kind, object index) of one drawn-mix hole."""
+    objects = [_object_mask(m, height, width) for m in (segmentation_masks or [])]
+    hole, kind, index = drawn_hole(objects, height, width, rng, resolution)
+    return ~hole, kind in ("strokes", "background-strokes", "shape+strokes"), kind, index
+
+
+def hole_caption(kind: str, index: int | None, object_captions, background_caption) -> str | None:
+    """The caption that describes a drawn hole of `kind` (None: the image's own caption)."""
+    if kind in OBJECT_KINDS and index is not None and object_captions and index < len(object_captions):
+        return object_captions[index]
+    if kind == "background-strokes" and background_caption:
+        return background_caption
+    return None
+
+
+def _object_mask(mask, height: int, width: int) -> np.ndarray:
+    if isinstance(mask, np.ndarray) and mask.ndim == 2:
+        return _check_mask(mask, height, width, "segmentation mask")
+    return rle_decode(mask, height, width, order="F")
 
 
 def _check_mask(mask, height: int, width: int, what: str) -> np.ndarray:
@@ -137,10 +182,11 @@ def apply_keep(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def maybe_invert(
-    image: np.ndarray, masked_image: np.ndarray, keep: np.ndarray, rng: np.random.Generator
+    image: np.ndarray, masked_image: np.ndarray, keep: np.ndarray, rng: np.random.Generator,
+    probability: float = INVERSION_PROBABILITY,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """With probability INVERSION_PROBABILITY: masked image = image - masked image, keep = 1 - keep."""
-    if rng.random() < INVERSION_PROBABILITY:
+    """With `probability`: masked image = image - masked image, keep = 1 - keep."""
+    if rng.random() < probability:
         return image - masked_image, ~keep
     return masked_image, keep
 
@@ -230,6 +276,9 @@ def training_sample(
     random_mask: bool = False,
     proportion_empty_prompts: float = 0.0,
     segmentation_masks=None,
+    mask_mix: str = "reference",
+    object_captions=None,
+    background_caption: str | None = None,
 ) -> dict:
     """One training example: {"pixel_values", "conditioning_pixel_values", "masks", "caption",
     "original_size", "crop_top_left"}.
@@ -239,7 +288,12 @@ def training_sample(
     `pixel_values` and `conditioning_pixel_values` are (3, R, R) float32 in [-1, 1] (the masked
     image is -1 in the hole; a soft random-brush sample may overshoot slightly, as in the
     reference), `masks` (1, R, R) float32 with 1 = keep, 0 = hole, and `caption` a string ("" with
-    probability `proportion_empty_prompts`). `rng` is a numpy Generator (or a seed).
+    probability `proportion_empty_prompts`). `rng` is a numpy Generator (or a seed). `mask_mix`
+    other than "reference" draws the hole from `brushnet.data.mask_mix` (see `choose_keep`), with
+    the opening's kernel scaled to the resolution (no opening below 96 px) and, for "drawn", the
+    inversion rarer (DRAWN_INVERSION_PROBABILITY); with `object_captions` (one per segmentation
+    mask) and `background_caption`, a drawn hole is captioned by what it holds most of the time
+    (`hole_caption`, HOLE_CAPTION_PROBABILITY), unless the regions were swapped.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive; got {resolution}.")
@@ -248,13 +302,23 @@ def training_sample(
     rng = as_generator(rng)
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
     height, width = pixels.shape[:2]
-    keep, soft = choose_keep(
-        height, width, rng, keep=keep, random_mask=random_mask, segmentation_masks=segmentation_masks
-    )
-    if rng.random() < OPENING_PROBABILITY:
-        keep, soft = open_mask(keep), False  # the reference's opening returns uint8
+    kind = index = None
+    if mask_mix == "drawn":
+        keep, soft, kind, index = _drawn_keep(height, width, rng, segmentation_masks, resolution)
+    else:
+        keep, soft = choose_keep(
+            height, width, rng, keep=keep, random_mask=random_mask, segmentation_masks=segmentation_masks,
+            mask_mix=mask_mix, resolution=resolution,
+        )
+    kernel = OPENING_KERNEL if mask_mix == "reference" else scaled_opening_kernel(OPENING_KERNEL, resolution)
+    if rng.random() < OPENING_PROBABILITY and kernel > 1:
+        keep, soft = open_mask(keep, kernel), False  # the reference's opening returns uint8
     masked = apply_keep(pixels, keep)
-    masked, keep = maybe_invert(pixels, masked, keep, rng)
+    inversion = DRAWN_INVERSION_PROBABILITY if mask_mix == "drawn" else INVERSION_PROBABILITY
+    drawn_keep = keep
+    masked, keep = maybe_invert(pixels, masked, keep, rng, inversion)
+    if mask_mix == "drawn" and rng.random() < HOLE_CAPTION_PROBABILITY and keep is drawn_keep:
+        caption = hole_caption(kind, index, object_captions, background_caption) or caption
     resized = resize_short_side(pixels, masked, keep, resolution)
     cropped, crop_top_left = random_crop(resized, resolution, rng)
     sample = to_tensors(*quantize_like_reference(*cropped, soft=soft))

@@ -103,6 +103,7 @@ class Scene:
     shapes: list[SceneShape]
     background: Background
     seed: int
+    case: str = "standard"  # which of SCENE_CASES drew it
 
 
 class RemovalExample(NamedTuple):
@@ -236,43 +237,93 @@ def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
 
 
-def make_scene(seed: int) -> Scene:
-    """The scene of `seed`: identical on every call and machine (its own numpy Generator only)."""
-    rng = np.random.default_rng(seed)
-    pixels, background, shades = _draw_background(rng)
+LAYOUTS = ("standard", "varied")
+"""`make_scene` layouts: "standard" (the held-out scenes, the shipped model's training scenes) or
+"varied": a quarter standard, the rest the simple cases a person tries first (`SCENE_CASES`)."""
+SCENE_CASES = ("standard", "one-on-plain", "two", "overlap", "border")
+_CASE_WEIGHTS = (0.25, 0.25, 0.15, 0.15, 0.2)
+_VARIED_SALT = 0x5CE7E  # keeps a varied scene's draws apart from the standard scene of the same seed
+MIN_OVERLAP = 0.15  # an "overlap" scene's second shape covers at least this much of the first
+
+
+def _place(rng, kind: str, areas, visible, *, border: bool, near: tuple[int, int] | None, overlap_with=None):
+    """A placement of `kind` that keeps every earlier shape MIN_VISIBLE in view (None if none found).
+
+    `border`: the box may stick out of the image by up to half its side, and must (the shape is cut).
+    `near`: the box's top-left is drawn around this point; `overlap_with`: the shape must cover at
+    least MIN_OVERLAP of these pixels."""
+    for _ in range(PLACEMENT_TRIES if near is None and not border else 3 * PLACEMENT_TRIES):
+        size = int(rng.integers(MIN_SHAPE_SIZE, MAX_SHAPE_SIZE + 1))
+        if border:
+            left, top = (int(v) for v in rng.integers(-(size // 2), SIZE - size + size // 2 + 1, size=2))
+        elif near is not None:
+            left, top = (int(np.clip(c + rng.integers(-size // 2, size // 2 + 1), 0, SIZE - size)) for c in near)
+        else:
+            left, top = (int(v) for v in rng.integers(0, SIZE - size + 1, size=2))
+        mask = _shape_mask(kind, left, top, size)
+        if border and not (min(left, top) < 0 or max(left, top) + size > SIZE):
+            continue
+        if not mask.any():
+            continue
+        if overlap_with is not None and (overlap_with & mask).sum() < MIN_OVERLAP * overlap_with.sum():
+            continue
+        # Accept only if every earlier shape keeps MIN_VISIBLE of its own pixels in view.
+        if all((seen & ~mask).sum() >= MIN_VISIBLE * area for area, seen in zip(areas, visible)):
+            return mask, (left, top)
+    return None
+
+
+def make_scene(seed: int, layout: str = "standard") -> Scene:
+    """The scene of `seed` in `layout` (LAYOUTS): identical on every call and machine (its own
+    numpy Generator only). The standard layout is the one the held-out seeds are scored on."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; expected one of {LAYOUTS}.")
+    if layout == "standard":
+        rng, case = np.random.default_rng(seed), "standard"
+    else:
+        rng = np.random.default_rng([seed, _VARIED_SALT])
+        case = SCENE_CASES[int(rng.choice(len(SCENE_CASES), p=_CASE_WEIGHTS))]
+    if case == "one-on-plain":
+        first = int(rng.integers(len(COLOURS)))
+        pixels = np.broadcast_to(_PALETTE_RGB[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
+        background, shades = Background("flat", (COLOURS[first],)), _PALETTE_RGB[[first]]
+    else:
+        pixels, background, shades = _draw_background(rng)
     # A shape colour must not occur in the background, including a gradient's in-between colours
     # (a red-to-yellow gradient is orange in the middle), so that every shape stands out.
     hidden = set(nearest_palette_colour(shades).tolist())
     allowed = [i for i in range(len(COLOURS)) if i not in hidden]
+    count = {"one-on-plain": 1, "two": 2, "overlap": 2}.get(case)
+    if count is None:
+        count = int(rng.integers(1, (3 if case == "border" else MAX_SHAPES) + 1))
     areas: list[int] = []  # each shape's pixel count as drawn, occluded parts included
     visible: list[np.ndarray] = []  # each shape's visible pixels, updated as later shapes cover them
     shapes: list[SceneShape] = []
-    for _ in range(int(rng.integers(1, MAX_SHAPES + 1))):
+    origins: list[tuple[int, int]] = []
+    for number in range(count):
         kind = SHAPES[rng.integers(len(SHAPES))]
         colour = allowed[rng.integers(len(allowed))]
-        for _ in range(PLACEMENT_TRIES):
-            size = int(rng.integers(MIN_SHAPE_SIZE, MAX_SHAPE_SIZE + 1))
-            left, top = (int(v) for v in rng.integers(0, SIZE - size + 1, size=2))
-            mask = _shape_mask(kind, left, top, size)
-            # Accept only if every earlier shape keeps MIN_VISIBLE of its own pixels in view.
-            if all((seen & ~mask).sum() >= MIN_VISIBLE * area for area, seen in zip(areas, visible)):
-                break
-        else:
+        overlapping = case == "overlap" and number == 1 and visible
+        placed = _place(rng, kind, areas, visible, border=case == "border" and number == 0,
+                        near=origins[0] if overlapping else None, overlap_with=visible[0] if overlapping else None)
+        if placed is None:
             continue  # no room for this shape: the scene has one shape fewer
+        mask, origin = placed
         for seen in visible:
             seen &= ~mask
         areas.append(int(mask.sum()))
         visible.append(mask.copy())
+        origins.append(origin)
         pixels[mask] = _PALETTE_RGB[colour]
         shapes.append(SceneShape(kind, COLOURS[colour], visible[-1], _bounding_box(mask)))
     caption = scene_caption([(shape.kind, shape.colour) for shape in shapes], background)
-    return Scene(PIL.Image.fromarray(pixels, "RGB"), caption, shapes, background, seed)
+    return Scene(PIL.Image.fromarray(pixels, "RGB"), caption, shapes, background, seed, case)
 
 
-def iter_scenes(seeds: Iterable[int]) -> Iterator[Scene]:
+def iter_scenes(seeds: Iterable[int], layout: str = "standard") -> Iterator[Scene]:
     """The scenes of `seeds`, in order, made lazily."""
     for seed in seeds:
-        yield make_scene(int(seed))
+        yield make_scene(int(seed), layout)
 
 
 # ---------------------------------------------------------------------------------- tasks and files
@@ -313,14 +364,18 @@ def scene_stem(seed: int) -> str:
     return f"{seed:08d}"
 
 
-def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmentation") -> Path:
+def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmentation",
+                 layout: str = "standard") -> Path:
     """Write the scenes of `seeds` as a training folder for `brushnet.data.ImageFolderDataset`.
 
     Per scene: `{stem}.png`, `{stem}.txt` (the caption) and, with masks="segmentation",
-    `{stem}.json` = {"mask": [rle, ...], "shapes": [{"kind", "colour"}, ...]}, one column-major RLE
-    (`rle_encode(mask, order="F")`) of each shape's visible pixels, in drawing order; masks=None
-    writes no masks. The folder is built next to `out_dir` and renamed into place at the end, so a
-    crash leaves no half-written folder; an existing non-empty `out_dir` is refused.
+    `{stem}.json` = {"mask": [rle, ...], "shapes": [{"kind", "colour"}, ...], "captions": [...],
+    "background_caption"}, one column-major RLE (`rle_encode(mask, order="F")`) of each shape's
+    visible pixels, in drawing order, with the caption of that shape alone on the background
+    ("a red circle on a yellow background") and the background's ("a yellow background"); masks=None
+    writes no masks; `layout` is `make_scene`'s. The folder is built next to `out_dir` and renamed
+    into place at the end, so a crash leaves no half-written folder; an existing non-empty
+    `out_dir` is refused.
     """
     if masks not in ("segmentation", None):
         raise ValueError(f'masks must be "segmentation" or None; got {masks!r}.')
@@ -331,14 +386,19 @@ def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmenta
     # Same parent, so the final rename stays on one file system (atomic on POSIX).
     temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        for scene in iter_scenes(seeds):
+        for scene in iter_scenes(seeds, layout):
             stem = scene_stem(scene.seed)
             scene.image.save(temporary / f"{stem}.png")
             (temporary / f"{stem}.txt").write_text(scene.caption + "\n", encoding="utf-8")
             if masks == "segmentation":
+                background = background_caption(scene.background)
                 segmentation = {
                     "mask": [rle_encode(shape.mask, order="F") for shape in scene.shapes],
                     "shapes": [{"kind": shape.kind, "colour": shape.colour} for shape in scene.shapes],
+                    # What a hole holding only this shape (or only background) shows, in the grammar.
+                    "captions": [f"{shape_caption(shape.kind, shape.colour)} on {background}"
+                                 for shape in scene.shapes],
+                    "background_caption": background,
                 }
                 (temporary / f"{stem}.json").write_text(json.dumps(segmentation), encoding="utf-8")
         os.chmod(temporary, 0o755)  # mkdtemp makes it private (0700); the result is an ordinary folder

@@ -19,6 +19,7 @@ class TrainConfig:
     train_data_dir: str = ""  # BrushData *.tar shards, or a folder of images + .txt captions
     resolution: int = 512
     random_mask: bool = False
+    mask_mix: str = "reference"  # see brushnet.data.mask_mix: reference, strokes or drawn
     proportion_empty_prompts: float = 0.0
     dataloader_num_workers: int = 0
     shuffle_buffer: int = 1000
@@ -67,6 +68,9 @@ _HELP = {
     "brushnet_model_name_or_path": "BrushNet to continue from (default: initialised from the base UNet)",
     "train_data_dir": "BrushData *.tar shards, or a folder of images with same-stem .txt captions",
     "random_mask": "train with random brush masks instead of the segmentation masks",
+    "mask_mix": "reference (the authors' masks, as --random_mask says), strokes (their brush strokes scaled to "
+                "--resolution; at 512 the same as --random_mask) or drawn (objects, grown objects, boxes, blobs, "
+                "strokes, strokes over the background: brushnet.data.mask_mix)",
     "resume_from_checkpoint": "a checkpoint-N folder (a path, or a name in --output_dir), or 'latest': the "
                               "newest complete one (also --resume)",
     "lr_scheduler": "constant (the default: no warm-up, as the reference runs), constant_with_warmup, linear, "
@@ -155,6 +159,10 @@ def check_options(config: TrainConfig) -> None:
     if config.resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8 (the VAE and UNet downsample by 8); "
                          f"got {config.resolution}.")
+    from ..data.mask_mix import MASK_MIXES
+
+    if config.mask_mix not in MASK_MIXES:
+        raise ValueError(f"--mask_mix must be one of {', '.join(MASK_MIXES)}; got {config.mask_mix!r}.")
     if config.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {config.lr_scheduler!r}.")
     if config.lr_scheduler == "polynomial" and config.learning_rate <= 1e-7:

@@ -340,7 +340,7 @@ def make_dataset(config: TrainConfig, seed: int, rank: int, world_size: int):
     from ..data import BrushDataShards, ImageFolderDataset
 
     source = Path(config.train_data_dir)
-    options = dict(resolution=config.resolution, random_mask=config.random_mask,
+    options = dict(resolution=config.resolution, random_mask=config.random_mask, mask_mix=config.mask_mix,
                    proportion_empty_prompts=config.proportion_empty_prompts, seed=seed, repeat=True,
                    rank=rank, world_size=world_size)
     if source.suffix == ".tar" or "*" in str(source) or "{" in str(source) or any(source.glob("*.tar")):
