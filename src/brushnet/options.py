@@ -6,27 +6,19 @@ It imports nothing heavy at module level, and neither `cli.py`, `serve/` nor `ev
 them imports this module, never one another.
 """
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
 
 from . import __version__
-from .arguments import (
-    check_blend_kernel,
-    check_conditioning_scale,
-    check_control_window,
-    check_guidance,
-    check_num_images,
-    check_number,
-    check_seed,
-    check_steps,
-    check_text,
-)
+from .arguments import check_number
 
 ONE_MODEL = ("--base and --brushnet go together: pass both (a base model and a BrushNet of the same family), "
              "or neither to use the built-in demo model")
-# Every Stable Diffusion base is trained on 1000 timesteps; the pipeline checks its own scheduler again.
-TRAINING_TIMESTEPS = 1000
+# The InpaintSettings fields that are command-line flags of the same name (--negative-prompt, ...).
+SETTINGS_FLAGS = ("negative_prompt", "steps", "guidance", "scale", "start", "end", "seed", "num_images",
+                  "blend_kernel", "context", "strength", "brushnet_every")
 
 
 class UserError(ValueError):
@@ -43,6 +35,18 @@ def add_model_options(parser, demo_default: bool = True) -> None:
                        help="diffusers folder with the configs for a single-file --base (needed offline)")
     group.add_argument("--allow-pickle", action="store_true",
                        help="allow .ckpt/.bin/.pt checkpoints (pickles can run code: only for files you trust)")
+    add_loading_options(group)
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                       help="a LoRA of the base model (diffusers or kohya .safetensors), at WEIGHT (default 1); "
+                            "repeatable. Few-step LoRAs (LCM, TCD) go with --scheduler lcm or tcd")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the UNet and BrushNet (torch.compile; CUDA graphs on a GPU): the first image of "
+                            "each size waits for the compilation, the rest run faster on a GPU (on CPUs measured "
+                            "slower than eager, BENCHMARKS.md)")
+
+
+def add_loading_options(group) -> None:
+    """How models load, for every command that loads them (inpaint, outpaint, bench, serve)."""
     group.add_argument("--scheduler", default="unipc", help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, "
                                                            "euler_a, pndm, lcm or tcd")
     group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -51,13 +55,6 @@ def add_model_options(parser, demo_default: bool = True) -> None:
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
-    group.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                       help="a LoRA of the base model (diffusers or kohya .safetensors), at WEIGHT (default 1); "
-                            "repeatable. Few-step LoRAs (LCM, TCD) go with --scheduler lcm or tcd")
-    group.add_argument("--compile", action="store_true",
-                       help="compile the UNet and BrushNet (torch.compile; CUDA graphs on a GPU): the first image of "
-                            "each size waits for the compilation, the rest run faster on a GPU (on CPUs measured "
-                            "slower than eager, BENCHMARKS.md)")
 
 
 # -- checks of what the user typed ---------------------------------------------------------------
@@ -71,27 +68,18 @@ def user_checked(check, *args, **kwargs):
 
 
 def check_generation_args(args) -> None:
-    """Every generation number of inpaint/outpaint/bench, named by its flag, before anything loads."""
-    user_checked(check_steps, args.steps, "--steps", TRAINING_TIMESTEPS)
-    user_checked(check_guidance, args.guidance, "--guidance")
-    user_checked(check_conditioning_scale, args.scale, "--scale")
-    user_checked(check_control_window, args.start, args.end, ("--start", "--end"))
-    num_images = getattr(args, "num_images", 1)
-    user_checked(check_num_images, num_images, "--num-images")
-    if args.seed is not None and args.seed != -1:  # -1: a random seed, as in the web UI
-        user_checked(check_seed, args.seed, "--seed", num_images)
-    if args.blend_kernel is not None:
-        user_checked(check_blend_kernel, args.blend_kernel, "--blend-kernel")
+    """Every generation number of inpaint/outpaint/bench, named by its flag, before anything loads:
+    `inpaint.check_settings` on the settings these flags make (bench has only some of them)."""
+    from .inpaint import InpaintSettings, check_settings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(InpaintSettings) if f.name in SETTINGS_FLAGS}
+    values = {name: getattr(args, name, default) for name, default in defaults.items()}
+    if args.seed is None or args.seed == -1:  # -1: a random seed, as in the web UI; drawn later
+        values["seed"] = 0
+    flags = {name: "--" + name.replace("_", "-") for name in ("prompt", *SETTINGS_FLAGS)}
+    user_checked(check_settings, InpaintSettings(prompt=getattr(args, "prompt", None) or "", **values), flags)
     if getattr(args, "fitting_degree", None) is not None:
         user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
-    if getattr(args, "context", None) is not None:
-        user_checked(check_number, args.context, "--context", low=0.0, high=10.0)
-    if getattr(args, "brushnet_every", None) is not None:
-        user_checked(check_number, args.brushnet_every, "--brushnet-every", low=1, high=100, integer=True)
-    if getattr(args, "strength", None) is not None:
-        user_checked(check_number, args.strength, "--strength", low=0.0, high=1.0, low_inclusive=False)
-    for name in ("prompt", "negative_prompt"):
-        user_checked(check_text, getattr(args, name, None), "--" + name.replace("_", "-"))
 
 
 # -- device, precision and models -----------------------------------------------------------------

@@ -9,6 +9,8 @@ import argparse
 import signal
 import sys
 
+from ..options import add_loading_options
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -45,14 +47,7 @@ def add_serve_command(commands) -> argparse.ArgumentParser:
                            help="open-vocabulary detector for selecting by words, with --segmenter: a folder or a "
                                 "downloaded hub id (e.g. IDEA-Research/grounding-dino-tiny)")
     group = serve.add_argument_group("model loading (as for brushnet inpaint)")
-    group.add_argument("--scheduler", default="unipc",
-                       help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, euler_a, pndm, lcm or tcd")
-    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="weights precision (auto: fp16 on GPU; on CPU bf16 where the CPU computes it natively, "
-                            "AVX512-BF16 or AMX, else fp32)")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
-                       help="keep weights in CPU memory and move them to the GPU when used")
+    add_loading_options(group)
     group.add_argument("--allow-pickle", action="store_true",
                        help="allow .ckpt/.bin/.pt checkpoints in --models (pickles can run code)")
     group.add_argument("--compile", action="store_true",
