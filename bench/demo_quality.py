@@ -30,6 +30,7 @@ background's there, and the fraction of scenes where that is at least 90 %.
 
     OMP_NUM_THREADS=1 python bench/demo_quality.py [--scenes 200] [--steps 25] [--kinds exact grown ...]
         [--methods brushnet+blend blended-latent masked-image] [--model DIR] [--brushnet DIR] [--json FILE]
+    python bench/demo_quality.py --merge first.json second.json   # runs over disjoint scenes, one table
 """
 
 import argparse
@@ -175,6 +176,38 @@ def prompt_for(scene, kind: str, form: str) -> str:
     return phrase if form == "shape" else f"{phrase} on {background_caption(scene.background)}"
 
 
+def report(rows: dict) -> dict:
+    """Print the table of `rows` ({kind: {method: [scene scores]}}) and return its means."""
+    summary = {}
+    print("| mask kind | scenes | method | kept PSNR (dB) | named / background colour | scenes >= target |")
+    print("|---|---|---|---|---|---|")
+    for kind, methods in rows.items():
+        summary[kind] = {}
+        for method, scored in methods.items():
+            means = {key: float(np.mean([r[key] for r in scored])) for key in ("kept_psnr", "adherence", "success")}
+            means["scenes"] = len(scored)
+            summary[kind][method] = means
+            kept = "exact" if means["kept_psnr"] >= 100 else f"{means['kept_psnr']:.2f}"
+            print(f"| {kind} | {len(scored)} | {method} | {kept} | {means['adherence']:.3f} | {means['success']:.3f} |")
+    return summary
+
+
+def merge(paths: list[str]) -> None:
+    """One table from the --json files of runs over different scenes (e.g. one per core)."""
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for kind, methods in json.load(f)["rows"].items():
+                for method, scored in methods.items():
+                    rows.setdefault(kind, {}).setdefault(method, []).extend(scored)
+    for methods in rows.values():
+        for method, scored in methods.items():
+            scenes = [r["scene"] for r in scored]
+            if len(set(scenes)) != len(scenes):
+                raise SystemExit(f"error: the files score some scenes twice ({method}); merge runs over disjoint scenes.")
+    report(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL_DIR),
@@ -188,7 +221,11 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--prompt", default="shape", choices=["shape", "scene"])
     parser.add_argument("--json", help="also write the means and every scene's scores here")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="print one table from the --json files of earlier runs (over disjoint scenes) and exit")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge)
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model, args.brushnet or f"{args.model}/brushnet", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -224,20 +261,9 @@ def main():
                 seconds[method] += time.perf_counter() - start
                 rows[kind][method].append({"scene": number, **score(result, scene, hole, kind)})
 
-    summary = {}
     print(f"held-out scenes {args.first}-{args.first + args.scenes - 1}, {args.steps} steps, guidance {args.guidance}, "
           f"prompt form {args.prompt!r}\n")
-    print("| mask kind | scenes | method | kept PSNR (dB) | named / background colour | scenes >= target |")
-    print("|---|---|---|---|---|---|")
-    for kind in args.kinds:
-        summary[kind] = {}
-        for method in args.methods:
-            scored = rows[kind][method]
-            means = {key: float(np.mean([r[key] for r in scored])) for key in ("kept_psnr", "adherence", "success")}
-            means["scenes"] = len(scored)
-            summary[kind][method] = means
-            kept = "exact" if means["kept_psnr"] >= 100 else f"{means['kept_psnr']:.2f}"
-            print(f"| {kind} | {len(scored)} | {method} | {kept} | {means['adherence']:.3f} | {means['success']:.3f} |")
+    summary = report(rows)
     images = sum(len(rows[k][m]) for k in args.kinds for m in args.methods) / max(len(args.methods), 1)
     print("\ns/image: " + ", ".join(f"{m} {seconds[m] / max(images, 1):.2f}" for m in args.methods))
     if any(skipped.values()):

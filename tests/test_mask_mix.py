@@ -133,6 +133,9 @@ def test_mask_mix_option():
     assert parse_train_args(["--mask-mix", "strokes"]).mask_mix == "strokes"
     with pytest.raises(ValueError, match="--mask_mix"):
         check_options(TrainConfig(mask_mix="people"))
+    assert parse_train_args(["--mask_downsampling", "max"]).mask_downsampling == "max"
+    with pytest.raises(ValueError, match="--mask_downsampling"):
+        check_options(TrainConfig(mask_downsampling="area"))
     with pytest.raises(ValueError, match="mask_mix"):
         training_sample(scenes.make_scene(0).image, None, "", resolution=64, rng=0, mask_mix="people")
 
@@ -141,7 +144,7 @@ def test_drawn_holes_are_captioned_by_what_they_hold(tmp_path):
     folder = scenes.write_folder(tmp_path / "data", [1_000_003], layout="varied")
     scene = scenes.make_scene(1_000_003, "varied")
     background = scenes.background_caption(scene.background)
-    own = [f"{scenes.shape_caption(s.kind, s.colour)} on {background}" for s in scene.shapes]
+    own = [scenes.shape_caption(s.kind, s.colour) for s in scene.shapes]  # what a person types
     from brushnet.data.folder import list_folder, read_item
 
     record = read_item(list_folder(folder)[0])
@@ -164,3 +167,30 @@ def test_drawn_holes_are_captioned_by_what_they_hold(tmp_path):
                                 segmentation_masks=record.segmentation_masks, object_captions=own,
                                 background_caption=background)
     assert reference["caption"] == record.caption
+
+
+def test_drawn_weights_pick_the_kinds(tmp_path):
+    from brushnet.data.mask_mix import DRAWN_KINDS, DRAWN_WEIGHTS, parse_drawn_weights
+
+    assert parse_drawn_weights(None) == DRAWN_WEIGHTS
+    weights = parse_drawn_weights("shape=1, background-strokes=3")
+    assert weights == (0.25, 0, 0, 0, 0, 0, 0.75) and len(weights) == len(DRAWN_KINDS)
+    for bad, message in [("circle=1", "unknown kind"), ("shape", "kind=weight"), ("shape=-1", ">= 0"),
+                         ("shape=nan", ">= 0"), ("shape=0", "above 0")]:
+        with pytest.raises(ValueError, match=message):
+            parse_drawn_weights(bad)
+    with pytest.raises(ValueError, match="--drawn_weights"):
+        check_options(TrainConfig(mask_mix="drawn", drawn_weights="box=x"))
+    assert parse_train_args(["--drawn_weights", "box=1"]).drawn_weights == "box=1"
+    # Only boxes: every hole of the dataset is a box around one of the scene's shapes.
+    folder = scenes.write_folder(tmp_path / "data", [1_000_003])
+    from brushnet.data import ImageFolderDataset
+
+    dataset = ImageFolderDataset(str(folder), resolution=64, mask_mix="drawn", drawn_weights="box=1", seed=0)
+    samples = iter(dataset)
+    for _ in range(10):
+        hole = next(samples)["masks"][0].numpy() < 0.5
+        if hole.mean() > 0.5:  # the rare swap of hole and kept region
+            hole = ~hole
+        rows, cols = np.flatnonzero(hole.any(1)), np.flatnonzero(hole.any(0))
+        assert hole[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all(), "not a box"

@@ -16,6 +16,7 @@ from brushnet import (
     blend,
     unet_forward,
 )
+from brushnet.masks import latent_keep_mask
 from brushnet.pipelines.blending import blur_mask
 
 PROMPT = "a red cake on the table"
@@ -256,3 +257,42 @@ def test_sdxl_pipeline_rejects_sd15_brushnet(golden):
     sd15_brushnet = BrushNetModel.from_pretrained(golden("sd15_tiny_model").dir / "brushnet")
     with pytest.raises(ValueError, match="it is an SD1.5 BrushNet"):
         StableDiffusionXLBrushNetPipeline.from_pretrained(case.dir, brushnet=sd15_brushnet)
+
+
+# -- the branch's mask at latent size ------------------------------------------------------------
+
+def test_latent_keep_mask_nearest_is_the_reference_and_max_marks_every_touched_cell():
+    keep = torch.ones(1, 1, 16, 16)
+    keep[0, 0, 5, 2:14] = 0  # a 1-pixel stroke, thinner than the 4-pixel cells below
+    assert torch.equal(latent_keep_mask(keep, (4, 4), "nearest"), torch.nn.functional.interpolate(keep, size=(4, 4)))
+    assert latent_keep_mask(keep, (4, 4), "nearest").min() == 1  # the reference loses the stroke
+    expected = torch.ones(4, 4)
+    expected[1, :] = 0  # row 5 is in the second row of cells, columns 2-13 touch all four
+    assert torch.equal(latent_keep_mask(keep, (4, 4), "max")[0, 0], expected)
+    with pytest.raises(ValueError, match="mask_downsampling"):
+        latent_keep_mask(keep, (4, 4), "bilinear")
+
+
+def test_the_branch_config_picks_the_latent_mask(setup, tmp_path):
+    _, pipe, images = setup
+    assert pipe.brushnet.config.mask_downsampling == "nearest"  # a config without the field: the reference's
+    side, factor = images["init_image"].size[0], pipe.vae_scale_factor
+    cells = side // factor
+    stroke = np.zeros((side, side), dtype=np.uint8)
+    stroke[3 * factor + 1, :] = 255  # 1 px high, off the row nearest sampling takes
+    mask = Image.fromarray(stroke)
+    _, _, nearest = pipe.prepare_brushnet_inputs(images["init_image"], mask, side, side, 1, "cpu")
+    assert nearest[0, -1].min() == 1
+    pipe.brushnet.save_pretrained(tmp_path / "branch")
+    config = json.loads((tmp_path / "branch" / "config.json").read_text())
+    config["mask_downsampling"] = "max"
+    (tmp_path / "branch" / "config.json").write_text(json.dumps(config))
+    branch = BrushNetModel.from_pretrained(tmp_path / "branch")
+    assert branch.config.mask_downsampling == "max"
+    maxed = StableDiffusionBrushNetPipeline(**{**pipe.components, "brushnet": branch})
+    _, _, conditioning = maxed.prepare_brushnet_inputs(images["init_image"], mask, side, side, 1, "cpu")
+    assert torch.equal(conditioning[0, -1, 3], torch.zeros(cells)), "the stroke's cells are not marked hole"
+    assert conditioning[0, -1].sum() == cells * cells - cells and torch.equal(conditioning[0, :-1], nearest[0, :-1])
+    with pytest.raises(ValueError, match="mask_downsampling"):
+        BrushNetModel(block_out_channels=(32, 64), down_block_types=("DownBlock2D",) * 2,
+                      up_block_types=("UpBlock2D",) * 2, norm_num_groups=8, mask_downsampling="area")

@@ -95,16 +95,19 @@ def test_training_reduces_the_loss(golden, data, tmp_path):
 
 def test_checkpoints_keep_last_and_resume(golden, data, tmp_path):
     out = tmp_path / "run"
-    train(config(golden, data, out, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1))
+    train(config(golden, data, out, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1,
+                 mask_downsampling="max"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
-    BrushNetModel.from_pretrained(out / "checkpoint-4" / "brushnet")
+    assert BrushNetModel.from_pretrained(out / "checkpoint-4" / "brushnet").config.mask_downsampling == "max"
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     final4 = BrushNetModel.from_pretrained(out).state_dict()
 
     train(config(golden, data, out, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=1,
                  resume_from_checkpoint="latest"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
-    final6 = BrushNetModel.from_pretrained(out).state_dict()
+    final6 = BrushNetModel.from_pretrained(out)
+    assert final6.config.mask_downsampling == "max"  # resumed without the option: the run's own
+    final6 = final6.state_dict()
     assert any(not torch.equal(final4[k], final6[k]) for k in final4)
 
 

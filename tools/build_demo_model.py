@@ -26,8 +26,17 @@ writes the scenes if OUT/data is missing, and trains from there; `--mask-mix` pi
 holes (`brushnet.data.mask_mix`; the shipped BrushNet was trained with `reference`) and
 `--scene-layout varied` adds the simple scenes (one shape on a plain background, two shapes,
 overlaps, shapes cut by the border); `--brushnet-from DIR` starts from any BrushNet folder.
-A fine-tune on drawn holes (measured in BENCHMARKS.md; not yet better than the shipped model, so
-not installed):
+`--mask-downsampling max` trains (and stores in the BrushNet's config, which the pipelines
+follow) a latent mask where a 4x4 latent cell is hole if any of its pixels is: with the
+reference's nearest sampling a quarter of a drawn stroke's pixels sit in cells marked keep, where
+the masked image is black (BENCHMARKS.md). `--drawn-weights` sets how often `--mask-mix drawn`
+draws each kind of hole. Base stage: `--base-from shipped` goes on training the shipped base,
+`--base-captions partial` on image, shape, background and empty captions (measured worse, not
+shipped).
+
+The fine-tune on drawn holes, stage by stage (BENCHMARKS.md, "Holes people draw", has what each
+stage measured; every stage resumes, `--brushnet-from` starts the next one from the last's
+checkpoint):
 
     OMP_NUM_THREADS=1 python tools/build_demo_model.py FT --stage brushnet --brushnet-from shipped \
         --mask-mix drawn --scene-layout varied --brushnet-steps 3600 --brushnet-lr 1e-4
@@ -48,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from brushnet.demo.scenes import SIZE, TRAIN_SEEDS, write_folder
+from brushnet.demo.scenes import SIZE, TRAIN_SEEDS, shape_caption, write_folder
 from brushnet.demo.tokenizer import write_tokenizer
 
 
@@ -148,13 +157,57 @@ def stage_vae(out: Path, args, device):
     vae.save_pretrained(out / "vae")
 
 
+# How often the base trains on each kind of caption with `--base-captions partial`: the whole
+# image's, one shape's phrase alone ("a red circle": what a person types for a hole), one shape on
+# the background, the background alone, and none (classifier-free guidance's empty prompt).
+PARTIAL_CAPTION_WEIGHTS = {"image": 0.45, "shape": 0.25, "shape on background": 0.1, "background": 0.1, "empty": 0.1}
+
+
+def scene_captions(png: Path) -> dict:
+    """The captions `--base-captions partial` picks from for one written scene."""
+    import json
+
+    segmentation = json.loads(png.with_suffix(".json").read_text())
+    background = segmentation["background_caption"]
+    phrases = [shape_caption(s["kind"], s["colour"]) for s in segmentation["shapes"]]
+    return {"image": png.with_suffix(".txt").read_text().strip(), "shape": phrases,
+            "shape on background": [f"{p} on {background}" for p in phrases], "background": background}
+
+
+def pick_caption(captions: dict, generator: torch.Generator) -> str:
+    kinds = list(PARTIAL_CAPTION_WEIGHTS)
+    kind = kinds[torch.multinomial(torch.tensor(list(PARTIAL_CAPTION_WEIGHTS.values())), 1,
+                                   generator=generator).item()]
+    if kind == "empty":
+        return ""
+    choice = captions[kind]
+    if isinstance(choice, list):  # a scene of only background has no shape phrase
+        return choice[torch.randint(len(choice), (), generator=generator).item()] if choice else captions["image"]
+    return choice
+
+
 def stage_base(out: Path, args, device):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     tokenizer = write_tokenizer(out / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).requires_grad_(False)
+    if args.base_from == "shipped":
+        # Go on training the shipped base (its VAE unchanged): copy it once next to the run.
+        from brushnet.demo.model import DEMO_MODEL_DIR
+
+        if not (out / "vae").exists():
+            shutil.copytree(DEMO_MODEL_DIR / "vae", out / ".vae.tmp", dirs_exist_ok=True)
+            (out / ".vae.tmp").rename(out / "vae")
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).requires_grad_(False)
     text_encoder, unet = (m.to(device).train() for m in base_models(tokenizer))
+    if args.base_from == "shipped":
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(
+            DEMO_MODEL_DIR / "unet", torch_dtype=torch.float32).state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
+            DEMO_MODEL_DIR / "text_encoder", torch_dtype=torch.float32).state_dict())
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     steps_offset=1)
     # The VAE is frozen here: encode every scene once (mean and log-variance) instead of every step.
@@ -164,11 +217,18 @@ def stage_base(out: Path, args, device):
             moments.append(vae.encode(pixels).latent_dist.parameters)
             all_captions += captions
     moments = torch.cat(moments)
+    if args.base_captions == "partial":
+        all_captions = [scene_captions(p) for p in sorted((out / "data").glob("*.png"))]
     generator = torch.Generator().manual_seed(0)
+
+    def caption(i: int) -> str:
+        if args.base_captions == "partial":
+            return pick_caption(all_captions[i], generator)
+        return "" if torch.rand((), generator=generator) < 0.1 else all_captions[i]
 
     def step():
         picked = torch.randint(0, len(moments), (args.batch,), generator=generator)
-        captions = ["" if torch.rand((), generator=generator) < 0.1 else all_captions[i] for i in picked.tolist()]
+        captions = [caption(i) for i in picked.tolist()]
         with torch.no_grad():
             posterior = DiagonalGaussianDistribution(moments[picked.to(device)])
             latents = posterior.sample() * vae.config.scaling_factor
@@ -179,7 +239,7 @@ def stage_base(out: Path, args, device):
         prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         return F.mse_loss(prediction, noise)
 
-    train_steps("base", out, {"unet": unet, "text_encoder": text_encoder}, args.base_steps, 3e-4, step, device)
+    train_steps("base", out, {"unet": unet, "text_encoder": text_encoder}, args.base_steps, args.base_lr, step, device)
     scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -212,7 +272,7 @@ def stage_brushnet(out: Path, args, device):
     steps = args.brushnet_steps
     train(TrainConfig(
         pretrained_model_name_or_path=str(base_folder(out)), brushnet_model_name_or_path=brushnet_from,
-        mask_mix=args.mask_mix, train_data_dir=str(out / "data"),
+        mask_mix=args.mask_mix, drawn_weights=args.drawn_weights, mask_downsampling=args.mask_downsampling, train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
         learning_rate=args.brushnet_lr, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
@@ -255,12 +315,24 @@ def main():
     parser.add_argument("--vae-steps", type=int, default=1300)
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--brushnet-steps", type=int, default=2000)
+    parser.add_argument("--base-lr", type=float, default=3e-4)
+    parser.add_argument("--base-from", default="scratch", choices=["scratch", "shipped"],
+                        help="base: train the text encoder and UNet from scratch, or go on from the shipped "
+                             "base (its VAE kept)")
+    parser.add_argument("--base-captions", default="image", choices=["image", "partial"],
+                        help="base: train on the image's caption (10 %% empty), or on a mix of the image's, "
+                             "one shape's, the background's and none (PARTIAL_CAPTION_WEIGHTS)")
     parser.add_argument("--brushnet-lr", type=float, default=3e-4)
     parser.add_argument("--brushnet-from", default="scratch",
                         help="brushnet: start from the base UNet (scratch), fine-tune the shipped BrushNet "
                              "(shipped) or a BrushNet folder (a path; against the shipped base)")
     parser.add_argument("--mask-mix", default="reference", choices=["reference", "strokes", "drawn"],
                         help="brushnet: the training holes (brushnet.data.mask_mix)")
+    parser.add_argument("--drawn-weights", help="brushnet: --mask-mix drawn's kind=weight,... "
+                                                "(brushnet.data.mask_mix.parse_drawn_weights)")
+    parser.add_argument("--mask-downsampling", choices=["nearest", "max"],
+                        help="brushnet: the keep mask at latent size (brushnet.masks.latent_keep_mask; default: "
+                             "the BrushNet's own, nearest for a new one)")
     parser.add_argument("--scene-layout", default="standard", choices=["standard", "varied"],
                         help="data: the training scenes' layout (brushnet.demo.scenes.LAYOUTS)")
     parser.add_argument("--install", action="store_true",
@@ -275,6 +347,8 @@ def main():
         elif stage == "vae" and not (args.out / "vae").exists():
             stage_vae(args.out, args, args.device)
         elif stage == "base" and not (args.out / "base").exists():
+            if not (args.out / "data").exists():
+                write_folder(args.out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
             stage_base(args.out, args, args.device)
         elif stage == "brushnet":
             stage_brushnet(args.out, args, args.device)

@@ -117,6 +117,25 @@ def preprocess_mask(mask, image_processor, height: int, width: int) -> torch.Ten
     return (~keep).float()
 
 
+MASK_DOWNSAMPLINGS = ("nearest", "max")
+
+
+def latent_keep_mask(keep: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """The branch's mask channel: the keep mask (1 = keep, (B, 1, H, W)) at latent size.
+
+    "nearest" is the reference's (what the released checkpoints were trained with): each latent
+    cell takes one of its pixels, so a hole thinner than the VAE's factor is partly marked keep
+    where the masked image is black. "max": a cell is hole if any of its pixels is, so every hole
+    pixel is regenerated (for models trained so: the demo model, whose 4x latent cells are as wide
+    as a painted stroke).
+    """
+    if mode == "nearest":
+        return F.interpolate(keep, size=size)
+    if mode == "max":
+        return 1.0 - F.adaptive_max_pool2d(1.0 - keep, size)
+    raise ValueError(f"Unknown mask_downsampling {mode!r}: use one of {', '.join(MASK_DOWNSAMPLINGS)}.")
+
+
 def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 0) -> PIL.Image.Image:
     """A user's mask file or image as a binary "L" image: 255 = fill, 0 = keep.
 

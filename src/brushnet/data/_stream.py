@@ -11,7 +11,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .mask_mix import MASK_MIXES
+from .mask_mix import MASK_MIXES, parse_drawn_weights
 from .transforms import training_sample
 
 logger = logging.getLogger("brushnet.data")
@@ -123,7 +123,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
     applied to the decoded records that a subclass's `records()` yields."""
 
     def __init__(self, *, resolution: int, random_mask: bool, proportion_empty_prompts: float, seed: int,
-                 repeat: bool, rank: int, world_size: int, mask_mix: str = "reference"):
+                 repeat: bool, rank: int, world_size: int, mask_mix: str = "reference",
+                 drawn_weights: str | None = None):
         super().__init__()
         check_split(rank, world_size)
         if resolution <= 0:
@@ -135,6 +136,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
         if mask_mix not in MASK_MIXES:
             raise ValueError(f"mask_mix must be one of {', '.join(MASK_MIXES)}; got {mask_mix!r}.")
         self.mask_mix = mask_mix
+        self.drawn_weights = parse_drawn_weights(drawn_weights)
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
         self.repeat = repeat
@@ -176,4 +178,5 @@ class RecordDataset(torch.utils.data.IterableDataset):
                 mask_mix=self.mask_mix,
                 object_captions=record.object_captions,
                 background_caption=record.background_caption,
+                drawn_weights=self.drawn_weights,
             )

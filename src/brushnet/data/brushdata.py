@@ -141,6 +141,7 @@ class BrushDataShards(RecordDataset):
         resolution: int = 512,
         random_mask: bool = False,
         mask_mix: str = "reference",
+        drawn_weights: str | None = None,
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
         shuffle_buffer: int = 1000,
@@ -150,7 +151,7 @@ class BrushDataShards(RecordDataset):
     ):
         super().__init__(resolution=resolution, random_mask=random_mask, proportion_empty_prompts=proportion_empty_prompts,
                          seed=seed, repeat=repeat, rank=rank, world_size=world_size,
-                         mask_mix=mask_mix)
+                         mask_mix=mask_mix, drawn_weights=drawn_weights)
         self.shards = resolve_shards(shards)
         self.shuffle_buffer = shuffle_buffer
         self.unreadable_shards = 0

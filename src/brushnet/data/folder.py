@@ -162,6 +162,7 @@ class ImageFolderDataset(RecordDataset):
         resolution: int = 512,
         random_mask: bool = False,
         mask_mix: str = "reference",
+        drawn_weights: str | None = None,
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
         shuffle: bool = True,
@@ -171,7 +172,7 @@ class ImageFolderDataset(RecordDataset):
     ):
         super().__init__(resolution=resolution, random_mask=random_mask, proportion_empty_prompts=proportion_empty_prompts,
                          seed=seed, repeat=repeat, rank=rank, world_size=world_size,
-                         mask_mix=mask_mix)
+                         mask_mix=mask_mix, drawn_weights=drawn_weights)
         self.folder = Path(folder)
         self.items = list_folder(folder)
         self.shuffle = shuffle

@@ -37,6 +37,31 @@ DRAWN_KINDS = ("shape", "grown", "box", "blob", "shape+strokes", "strokes", "bac
 # background (issue 11) while exact shapes already worked, so the kinds it had never seen get most
 # of the weight and exact shapes keep enough to stay as good. Measured effect: BENCHMARKS.md.
 DRAWN_WEIGHTS = (0.12, 0.18, 0.16, 0.08, 0.14, 0.08, 0.24)
+
+
+def parse_drawn_weights(text: str | None) -> tuple[float, ...]:
+    """`--drawn_weights`: "kind=weight,..." over DRAWN_KINDS (kinds left out weigh 0; the weights
+    are normalised), or None for DRAWN_WEIGHTS."""
+    if text is None:
+        return DRAWN_WEIGHTS
+    weights = dict.fromkeys(DRAWN_KINDS, 0.0)
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        kind, _, value = item.partition("=")
+        kind = kind.strip()
+        if kind not in weights:
+            raise ValueError(f"--drawn_weights: unknown kind {kind!r}; the kinds are {', '.join(DRAWN_KINDS)}.")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--drawn_weights: {item!r} is not kind=weight (e.g. shape=0.2).") from None
+        if not math.isfinite(weights[kind]) or weights[kind] < 0:
+            raise ValueError(f"--drawn_weights: the weight of {kind} must be a finite number >= 0; got {value!r}.")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("--drawn_weights: give at least one kind a weight above 0 (e.g. shape=0.2,grown=0.25).")
+    return tuple(w / total for w in weights.values())
+
+
 DRAWN_INVERSION_PROBABILITY = 0.1
 """The drawn mix rarely swaps hole and kept region: a person paints what is to change (the
 reference's 1/2 trains outpainting-like holes half the time)."""
@@ -120,11 +145,13 @@ the hole should hold, and without it the model cannot tell "draw the object" fro
 
 
 def drawn_hole(objects: list[np.ndarray], height: int, width: int, rng: np.random.Generator,
-               resolution: int, kind: str | None = None) -> tuple[np.ndarray, str, int | None]:
+               resolution: int, kind: str | None = None,
+               weights: tuple[float, ...] = DRAWN_WEIGHTS) -> tuple[np.ndarray, str, int | None]:
     """One hole of the drawn mix, its kind and the index in `objects` of the object it is drawn
-    around (None for strokes, blobs, background strokes); `objects` are bool (H, W) masks (may be empty)."""
+    around (None for strokes, blobs, background strokes); `objects` are bool (H, W) masks (may be
+    empty); the kind is drawn with `weights` (one per DRAWN_KINDS) unless given."""
     if kind is None:
-        kind = DRAWN_KINDS[int(rng.choice(len(DRAWN_KINDS), p=DRAWN_WEIGHTS))]
+        kind = DRAWN_KINDS[int(rng.choice(len(DRAWN_KINDS), p=weights))]
     if kind not in DRAWN_KINDS:
         raise ValueError(f"Unknown drawn-mask kind {kind!r}; expected one of {DRAWN_KINDS}.")
     indices = [i for i, o in enumerate(objects) if o.any()]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..masks import random_brush_mask, rle_decode
 from .mask_mix import (
     DRAWN_INVERSION_PROBABILITY,
+    DRAWN_WEIGHTS,
     HOLE_CAPTION_PROBABILITY,
     MASK_MIXES,
     OBJECT_KINDS,
@@ -114,10 +115,10 @@ def choose_keep(
     return np.ones((height, width), dtype=bool), False
 
 
-def _drawn_keep(height, width, rng, segmentation_masks, resolution):
+def _drawn_keep(height, width, rng, segmentation_masks, resolution, weights=DRAWN_WEIGHTS):
     """(keep, soft, kind, object index) of one drawn-mix hole."""
     objects = [_object_mask(m, height, width) for m in (segmentation_masks or [])]
-    hole, kind, index = drawn_hole(objects, height, width, rng, resolution)
+    hole, kind, index = drawn_hole(objects, height, width, rng, resolution, weights=weights)
     return ~hole, kind in ("strokes", "background-strokes", "shape+strokes"), kind, index
 
 
@@ -279,6 +280,7 @@ def training_sample(
     mask_mix: str = "reference",
     object_captions=None,
     background_caption: str | None = None,
+    drawn_weights: tuple[float, ...] = DRAWN_WEIGHTS,
 ) -> dict:
     """One training example: {"pixel_values", "conditioning_pixel_values", "masks", "caption",
     "original_size", "crop_top_left"}.
@@ -304,7 +306,7 @@ def training_sample(
     height, width = pixels.shape[:2]
     kind = index = None
     if mask_mix == "drawn":
-        keep, soft, kind, index = _drawn_keep(height, width, rng, segmentation_masks, resolution)
+        keep, soft, kind, index = _drawn_keep(height, width, rng, segmentation_masks, resolution, drawn_weights)
     else:
         keep, soft = choose_keep(
             height, width, rng, keep=keep, random_mask=random_mask, segmentation_masks=segmentation_masks,

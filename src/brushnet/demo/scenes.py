@@ -371,8 +371,8 @@ def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmenta
     Per scene: `{stem}.png`, `{stem}.txt` (the caption) and, with masks="segmentation",
     `{stem}.json` = {"mask": [rle, ...], "shapes": [{"kind", "colour"}, ...], "captions": [...],
     "background_caption"}, one column-major RLE (`rle_encode(mask, order="F")`) of each shape's
-    visible pixels, in drawing order, with the caption of that shape alone on the background
-    ("a red circle on a yellow background") and the background's ("a yellow background"); masks=None
+    visible pixels, in drawing order, with the phrase naming that shape ("a red circle") and the
+    background's caption ("a yellow background"); masks=None
     writes no masks; `layout` is `make_scene`'s. The folder is built next to `out_dir` and renamed
     into place at the end, so a crash leaves no half-written folder; an existing non-empty
     `out_dir` is refused.
@@ -395,9 +395,9 @@ def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmenta
                 segmentation = {
                     "mask": [rle_encode(shape.mask, order="F") for shape in scene.shapes],
                     "shapes": [{"kind": shape.kind, "colour": shape.colour} for shape in scene.shapes],
-                    # What a hole holding only this shape (or only background) shows, in the grammar.
-                    "captions": [f"{shape_caption(shape.kind, shape.colour)} on {background}"
-                                 for shape in scene.shapes],
+                    # What a person types for a hole over this shape ("a red circle") or over
+                    # background only ("a yellow background"): the prompts the demo is used with.
+                    "captions": [shape_caption(shape.kind, shape.colour) for shape in scene.shapes],
                     "background_caption": background,
                 }
                 (temporary / f"{stem}.json").write_text(json.dumps(segmentation), encoding="utf-8")

@@ -24,6 +24,8 @@ from diffusers.models.unets.unet_2d_blocks import (
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..masks import MASK_DOWNSAMPLINGS
+
 # Number of latent channels the branch sees besides the noisy latent: masked-image latent (4) + mask (1).
 CONDITIONING_CHANNELS = 5
 # Block types of a branch that keeps the UNet's cross-attention (PowerPaint v2's BrushNet_CA).
@@ -67,7 +69,9 @@ class BrushNetModel(ModelMixin, ConfigMixin):
     `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`) they build the attention exactly as the UNet's,
     and `forward` needs `encoder_hidden_states` (the branch text encoder's task prompt).
     `conditioning_embedding_out_channels`, `encoder_hid_dim*` and `addition_embed_type_num_heads`
-    never shape it.
+    never shape it. `mask_downsampling` is how the keep mask reaches latent size
+    (`brushnet.masks.latent_keep_mask`): "nearest", the reference's and every released checkpoint's
+    (a config without the field), or "max" for a branch trained so.
     """
 
     _supports_gradient_checkpointing = True
@@ -108,10 +112,14 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         conditioning_embedding_out_channels: tuple[int, ...] | None = (16, 32, 96, 256),
         global_pool_conditions: bool = False,
         addition_embed_type_num_heads: int = 64,
+        mask_downsampling: str = "nearest",
     ):
         super().__init__()
         _check_config(down_block_types, mid_block_type, up_block_types, block_out_channels, encoder_hid_dim,
                       encoder_hid_dim_type, addition_embed_type, brushnet_conditioning_channel_order)
+        if mask_downsampling not in MASK_DOWNSAMPLINGS:
+            raise ValueError(f"Unknown mask_downsampling {mask_downsampling!r}: use one of "
+                             f"{', '.join(MASK_DOWNSAMPLINGS)}.")
         self.gradient_checkpointing = False
 
         self.conv_in_condition = nn.Conv2d(
@@ -234,6 +242,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         load_weights_from_unet: bool = True,
         conditioning_channels: int = CONDITIONING_CHANNELS,
         keep_attention: bool = False,
+        mask_downsampling: str = "nearest",
     ) -> "BrushNetModel":
         """Build a BrushNet from an SD1.5- or SDXL-shaped `UNet2DConditionModel`, as the reference does.
 
@@ -288,6 +297,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             projection_class_embeddings_input_dim=config.projection_class_embeddings_input_dim,
             brushnet_conditioning_channel_order=brushnet_conditioning_channel_order,
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+            mask_downsampling=mask_downsampling,
         )
         if not load_weights_from_unet:
             return brushnet

@@ -21,7 +21,7 @@ from ..arguments import (
     check_schedule,
     check_steps,
 )
-from ..masks import batch_size_of, check_same_size, image_size, preprocess_mask
+from ..masks import batch_size_of, check_same_size, image_size, latent_keep_mask, preprocess_mask
 from ..models import BrushNetModel, count_residuals, unet_forward
 from ..models.injection import install_residual_slots
 from ..models.compatibility import mismatch_message
@@ -235,10 +235,11 @@ class BrushNetPipelineMixin:
             latents = self._vae_encode(masked.to(device))
         latents = latents * self.vae.config.scaling_factor
         keep = 1.0 - hole
-        keep_latent = torch.nn.functional.interpolate(keep, size=latents.shape[-2:])  # nearest
+        branch = _unwrap(self.brushnet)
+        keep_latent = latent_keep_mask(keep, latents.shape[-2:], branch.config.get("mask_downsampling", "nearest"))
         conditioning = torch.cat([latents.to(keep_latent.dtype), keep_latent.to(device)], dim=1)
         repeat = lambda x: x.repeat_interleave(batch_size // x.shape[0], dim=0)  # noqa: E731
-        dtype = _unwrap(self.brushnet).dtype
+        dtype = branch.dtype
         return repeat(pixels).to(device), repeat(hole).to(device), repeat(conditioning).to(device=device, dtype=dtype)
 
     def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:

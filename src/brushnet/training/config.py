@@ -20,6 +20,8 @@ class TrainConfig:
     resolution: int = 512
     random_mask: bool = False
     mask_mix: str = "reference"  # see brushnet.data.mask_mix: reference, strokes or drawn
+    drawn_weights: str | None = None  # --mask_mix drawn: "kind=weight,..." (brushnet.data.mask_mix.DRAWN_KINDS)
+    mask_downsampling: str | None = None  # the branch's mask at latent size; None: the BrushNet's own (nearest if new)
     proportion_empty_prompts: float = 0.0
     dataloader_num_workers: int = 0
     shuffle_buffer: int = 1000
@@ -71,6 +73,12 @@ _HELP = {
     "mask_mix": "reference (the authors' masks, as --random_mask says), strokes (their brush strokes scaled to "
                 "--resolution; at 512 the same as --random_mask) or drawn (objects, grown objects, boxes, blobs, "
                 "strokes, strokes over the background: brushnet.data.mask_mix)",
+    "drawn_weights": "with --mask_mix drawn, how often each kind of hole is drawn, as kind=weight,... over shape, "
+                     "grown, box, blob, shape+strokes, strokes, background-strokes (default: "
+                     "brushnet.data.mask_mix.DRAWN_WEIGHTS)",
+    "mask_downsampling": "how the keep mask reaches latent size, stored in the BrushNet's config: nearest (the "
+                         "reference's, the default for a new BrushNet) or max (a latent cell is hole if any of its "
+                         "pixels is: for holes as thin as the VAE's 8 px, or 4 px on the demo model)",
     "resume_from_checkpoint": "a checkpoint-N folder (a path, or a name in --output_dir), or 'latest': the "
                               "newest complete one (also --resume)",
     "lr_scheduler": "constant (the default: no warm-up, as the reference runs), constant_with_warmup, linear, "
@@ -163,6 +171,14 @@ def check_options(config: TrainConfig) -> None:
 
     if config.mask_mix not in MASK_MIXES:
         raise ValueError(f"--mask_mix must be one of {', '.join(MASK_MIXES)}; got {config.mask_mix!r}.")
+    from ..data.mask_mix import parse_drawn_weights
+    from ..masks import MASK_DOWNSAMPLINGS
+
+    parse_drawn_weights(config.drawn_weights)  # refused here, before anything loads
+
+    if config.mask_downsampling is not None and config.mask_downsampling not in MASK_DOWNSAMPLINGS:
+        raise ValueError(f"--mask_downsampling must be one of {', '.join(MASK_DOWNSAMPLINGS)}; "
+                         f"got {config.mask_downsampling!r}.")
     if config.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {config.lr_scheduler!r}.")
     if config.lr_scheduler == "polynomial" and config.learning_rate <= 1e-7:

@@ -32,6 +32,7 @@ def train(config: TrainConfig) -> Path:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from ..masks import latent_keep_mask
     from ..models import BrushNetModel, unet_forward
 
     _check_config(config)
@@ -82,6 +83,15 @@ def train(config: TrainConfig) -> Path:
         brushnet = load_brushnet(config.brushnet_model_name_or_path, allow_pickle=config.allow_pickle)
     else:
         brushnet = BrushNetModel.from_unet(unet)
+    downsampling = config.mask_downsampling
+    if downsampling is None and checkpoint is not None and (checkpoint / "brushnet" / "config.json").is_file():
+        # A resumed run goes on with the latent mask it trained with (the weights alone do not say).
+        import json
+
+        downsampling = json.loads((checkpoint / "brushnet" / "config.json").read_text()).get("mask_downsampling")
+    if downsampling is not None:
+        brushnet.register_to_config(mask_downsampling=downsampling)  # saved with every checkpoint
+    mask_downsampling = brushnet.config.get("mask_downsampling", "nearest")
     for frozen in (unet, vae, *text.encoders):
         frozen.requires_grad_(False)
     brushnet.train()
@@ -151,7 +161,8 @@ def train(config: TrainConfig) -> Path:
                 latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
                 masked_latents = vae.encode(masked_pixels).latent_dist.sample() * vae.config.scaling_factor
                 latents, masked_latents = latents.to(weight_dtype), masked_latents.to(weight_dtype)
-                keep = F.interpolate(batch["masks"].to(accelerator.device), size=latents.shape[-2:]).to(weight_dtype)
+                keep = latent_keep_mask(batch["masks"].to(accelerator.device), latents.shape[-2:],
+                                        mask_downsampling).to(weight_dtype)
                 prompt_embeds, added_cond_kwargs = text.encode(batch, config, accelerator.device, weight_dtype)
 
             noise = torch.randn_like(latents)
@@ -341,7 +352,7 @@ def make_dataset(config: TrainConfig, seed: int, rank: int, world_size: int):
 
     source = Path(config.train_data_dir)
     options = dict(resolution=config.resolution, random_mask=config.random_mask, mask_mix=config.mask_mix,
-                   proportion_empty_prompts=config.proportion_empty_prompts, seed=seed, repeat=True,
+                   drawn_weights=config.drawn_weights, proportion_empty_prompts=config.proportion_empty_prompts, seed=seed, repeat=True,
                    rank=rank, world_size=world_size)
     if source.suffix == ".tar" or "*" in str(source) or "{" in str(source) or any(source.glob("*.tar")):
         return BrushDataShards(str(source), shuffle_buffer=config.shuffle_buffer, **options)
