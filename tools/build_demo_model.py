@@ -34,13 +34,12 @@ draws each kind of hole. Base stage: `--base-from shipped` goes on training the 
 `--base-captions partial` on image, shape, background and empty captions (measured worse, not
 shipped).
 
-The fine-tune on drawn holes, stage by stage (BENCHMARKS.md, "Holes people draw", has what each
-stage measured; every stage resumes, `--brushnet-from` starts the next one from the last's
-checkpoint):
+The shipped BrushNet is the first one fine-tuned on drawn holes in four stages, each resuming and
+each starting from the last one's checkpoint with `--brushnet-from`; BENCHMARKS.md ("Holes people
+draw") has every stage's command and what it measured. The first stage:
 
     OMP_NUM_THREADS=1 python tools/build_demo_model.py FT --stage brushnet --brushnet-from shipped \
-        --mask-mix drawn --scene-layout varied --brushnet-steps 3600 --brushnet-lr 1e-4
-    python tools/build_demo_model.py FT --stage assemble [--install]
+        --mask-mix drawn --scene-layout varied --brushnet-steps 2200 --brushnet-lr 1e-4
 
 Stages: `data` writes the training scenes (images, captions, per-shape RLE masks); `vae` trains an
 AutoencoderKL (64x64 -> 16x16x4); `base` trains a CLIP text encoder over the closed vocabulary
