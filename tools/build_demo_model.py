@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from brushnet.demo.scenes import SIZE, TRAIN_SEEDS, shape_caption, write_folder
 from brushnet.demo.tokenizer import write_tokenizer
+from brushnet.masks import MASK_DOWNSAMPLINGS
 
 
 def vae_model():
@@ -194,9 +195,7 @@ def stage_base(out: Path, args, device):
         # Go on training the shipped base (its VAE unchanged): copy it once next to the run.
         from brushnet.demo.model import DEMO_MODEL_DIR
 
-        if not (out / "vae").exists():
-            shutil.copytree(DEMO_MODEL_DIR / "vae", out / ".vae.tmp", dirs_exist_ok=True)
-            (out / ".vae.tmp").rename(out / "vae")
+        copy_once(DEMO_MODEL_DIR / "vae", out / "vae")
     vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).requires_grad_(False)
     text_encoder, unet = (m.to(device).train() for m in base_models(tokenizer))
     if args.base_from == "shipped":
@@ -245,6 +244,20 @@ def stage_base(out: Path, args, device):
                             ).save_pretrained(out / "base")
 
 
+def copy_once(source: Path, target: Path) -> None:
+    """Copy `source` to `target` unless it is there; a copy cut short never passes for a whole one."""
+    if not target.exists():
+        partial = target.with_name(f".{target.name}.tmp")
+        shutil.copytree(source, partial, dirs_exist_ok=True)
+        partial.rename(target)
+
+
+def write_data(out: Path, args) -> None:
+    """The training scenes in OUT/data, written once."""
+    if not (out / "data").exists():
+        write_folder(out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
+
+
 def base_folder(out: Path) -> Path:
     """The base the BrushNet trains against: the one this build trained, else the shipped one."""
     return out / "base" if (out / "base").exists() else out / "shipped"
@@ -259,11 +272,8 @@ def stage_brushnet(out: Path, args, device):
 
         # A copy, so that installing the result later does not pull the base away from under a
         # resumed run, and so the run's starting point is on record next to it.
-        if not (out / "shipped").exists():
-            shutil.copytree(DEMO_MODEL_DIR, out / ".shipped.tmp", dirs_exist_ok=True)
-            (out / ".shipped.tmp").rename(out / "shipped")
-        if not (out / "data").exists():
-            write_folder(out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
+        copy_once(DEMO_MODEL_DIR, out / "shipped")
+        write_data(out, args)
         brushnet_from = str(out / "shipped" / "brushnet") if args.brushnet_from == "shipped" else args.brushnet_from
     # The reference mix at 64x64 means segmentation masks only (like the authors'
     # segmentation_mask_brushnet): its random brush strokes are 128 px wide, the whole scene here;
@@ -271,7 +281,8 @@ def stage_brushnet(out: Path, args, device):
     steps = args.brushnet_steps
     train(TrainConfig(
         pretrained_model_name_or_path=str(base_folder(out)), brushnet_model_name_or_path=brushnet_from,
-        mask_mix=args.mask_mix, drawn_weights=args.drawn_weights, mask_downsampling=args.mask_downsampling, train_data_dir=str(out / "data"),
+        mask_mix=args.mask_mix, drawn_weights=args.drawn_weights, mask_downsampling=args.mask_downsampling,
+        train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
         learning_rate=args.brushnet_lr, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
@@ -329,7 +340,7 @@ def main():
                         help="brushnet: the training holes (brushnet.data.mask_mix)")
     parser.add_argument("--drawn-weights", help="brushnet: --mask-mix drawn's kind=weight,... "
                                                 "(brushnet.data.mask_mix.parse_drawn_weights)")
-    parser.add_argument("--mask-downsampling", choices=["nearest", "max"],
+    parser.add_argument("--mask-downsampling", choices=MASK_DOWNSAMPLINGS,
                         help="brushnet: the keep mask at latent size (brushnet.masks.latent_keep_mask; default: "
                              "the BrushNet's own, nearest for a new one)")
     parser.add_argument("--scene-layout", default="standard", choices=["standard", "varied"],
@@ -341,13 +352,12 @@ def main():
     torch.manual_seed(0)
     stages = ["data", "vae", "base", "brushnet", "assemble"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        if stage == "data" and not (args.out / "data").exists():
-            write_folder(args.out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
+        if stage == "data":
+            write_data(args.out, args)
         elif stage == "vae" and not (args.out / "vae").exists():
             stage_vae(args.out, args, args.device)
         elif stage == "base" and not (args.out / "base").exists():
-            if not (args.out / "data").exists():
-                write_folder(args.out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
+            write_data(args.out, args)
             stage_base(args.out, args, args.device)
         elif stage == "brushnet":
             stage_brushnet(args.out, args, args.device)

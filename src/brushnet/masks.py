@@ -120,6 +120,11 @@ def preprocess_mask(mask, image_processor, height: int, width: int) -> torch.Ten
 MASK_DOWNSAMPLINGS = ("nearest", "max")
 
 
+def check_mask_downsampling(mode, name: str = "mask_downsampling") -> None:
+    if mode not in MASK_DOWNSAMPLINGS:
+        raise ValueError(f"Unknown {name} {mode!r}: use one of {', '.join(MASK_DOWNSAMPLINGS)}.")
+
+
 def latent_keep_mask(keep: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
     """The branch's mask channel: the keep mask (1 = keep, (B, 1, H, W)) at latent size.
 
@@ -129,11 +134,10 @@ def latent_keep_mask(keep: torch.Tensor, size: tuple[int, int], mode: str = "nea
     pixel is regenerated (for models trained so: the demo model, whose 4x latent cells are as wide
     as a painted stroke).
     """
-    if mode == "nearest":
-        return F.interpolate(keep, size=size)
+    check_mask_downsampling(mode)
     if mode == "max":
         return 1.0 - F.adaptive_max_pool2d(1.0 - keep, size)
-    raise ValueError(f"Unknown mask_downsampling {mode!r}: use one of {', '.join(MASK_DOWNSAMPLINGS)}.")
+    return F.interpolate(keep, size=size)
 
 
 def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 0) -> PIL.Image.Image:

@@ -24,7 +24,7 @@ from diffusers.models.unets.unet_2d_blocks import (
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..masks import MASK_DOWNSAMPLINGS
+from ..masks import check_mask_downsampling
 
 # Number of latent channels the branch sees besides the noisy latent: masked-image latent (4) + mask (1).
 CONDITIONING_CHANNELS = 5
@@ -117,9 +117,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         super().__init__()
         _check_config(down_block_types, mid_block_type, up_block_types, block_out_channels, encoder_hid_dim,
                       encoder_hid_dim_type, addition_embed_type, brushnet_conditioning_channel_order)
-        if mask_downsampling not in MASK_DOWNSAMPLINGS:
-            raise ValueError(f"Unknown mask_downsampling {mask_downsampling!r}: use one of "
-                             f"{', '.join(MASK_DOWNSAMPLINGS)}.")
+        check_mask_downsampling(mask_downsampling)
         self.gradient_checkpointing = False
 
         self.conv_in_condition = nn.Conv2d(
@@ -242,7 +240,6 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         load_weights_from_unet: bool = True,
         conditioning_channels: int = CONDITIONING_CHANNELS,
         keep_attention: bool = False,
-        mask_downsampling: str = "nearest",
     ) -> "BrushNetModel":
         """Build a BrushNet from an SD1.5- or SDXL-shaped `UNet2DConditionModel`, as the reference does.
 
@@ -297,7 +294,6 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             projection_class_embeddings_input_dim=config.projection_class_embeddings_input_dim,
             brushnet_conditioning_channel_order=brushnet_conditioning_channel_order,
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
-            mask_downsampling=mask_downsampling,
         )
         if not load_weights_from_unet:
             return brushnet

@@ -236,7 +236,7 @@ class BrushNetPipelineMixin:
         latents = latents * self.vae.config.scaling_factor
         keep = 1.0 - hole
         branch = _unwrap(self.brushnet)
-        keep_latent = latent_keep_mask(keep, latents.shape[-2:], branch.config.get("mask_downsampling", "nearest"))
+        keep_latent = latent_keep_mask(keep, latents.shape[-2:], branch.config.mask_downsampling)
         conditioning = torch.cat([latents.to(keep_latent.dtype), keep_latent.to(device)], dim=1)
         repeat = lambda x: x.repeat_interleave(batch_size // x.shape[0], dim=0)  # noqa: E731
         dtype = branch.dtype

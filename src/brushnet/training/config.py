@@ -172,13 +172,11 @@ def check_options(config: TrainConfig) -> None:
     if config.mask_mix not in MASK_MIXES:
         raise ValueError(f"--mask_mix must be one of {', '.join(MASK_MIXES)}; got {config.mask_mix!r}.")
     from ..data.mask_mix import parse_drawn_weights
-    from ..masks import MASK_DOWNSAMPLINGS
+    from ..masks import check_mask_downsampling
 
     parse_drawn_weights(config.drawn_weights)  # refused here, before anything loads
-
-    if config.mask_downsampling is not None and config.mask_downsampling not in MASK_DOWNSAMPLINGS:
-        raise ValueError(f"--mask_downsampling must be one of {', '.join(MASK_DOWNSAMPLINGS)}; "
-                         f"got {config.mask_downsampling!r}.")
+    if config.mask_downsampling is not None:
+        check_mask_downsampling(config.mask_downsampling, "--mask_downsampling")
     if config.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {config.lr_scheduler!r}.")
     if config.lr_scheduler == "polynomial" and config.learning_rate <= 1e-7:

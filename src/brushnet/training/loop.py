@@ -91,7 +91,7 @@ def train(config: TrainConfig) -> Path:
         downsampling = json.loads((checkpoint / "brushnet" / "config.json").read_text()).get("mask_downsampling")
     if downsampling is not None:
         brushnet.register_to_config(mask_downsampling=downsampling)  # saved with every checkpoint
-    mask_downsampling = brushnet.config.get("mask_downsampling", "nearest")
+    mask_downsampling = brushnet.config.mask_downsampling
     for frozen in (unet, vae, *text.encoders):
         frozen.requires_grad_(False)
     brushnet.train()
@@ -352,8 +352,8 @@ def make_dataset(config: TrainConfig, seed: int, rank: int, world_size: int):
 
     source = Path(config.train_data_dir)
     options = dict(resolution=config.resolution, random_mask=config.random_mask, mask_mix=config.mask_mix,
-                   drawn_weights=config.drawn_weights, proportion_empty_prompts=config.proportion_empty_prompts, seed=seed, repeat=True,
-                   rank=rank, world_size=world_size)
+                   drawn_weights=config.drawn_weights, proportion_empty_prompts=config.proportion_empty_prompts,
+                   seed=seed, repeat=True, rank=rank, world_size=world_size)
     if source.suffix == ".tar" or "*" in str(source) or "{" in str(source) or any(source.glob("*.tar")):
         return BrushDataShards(str(source), shuffle_buffer=config.shuffle_buffer, **options)
     return ImageFolderDataset(str(source), **options)
