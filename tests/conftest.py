@@ -87,6 +87,22 @@ def golden():
     return load
 
 
+@pytest.fixture(scope="module")
+def tiny_sd15_base(golden):
+    """The golden tiny SD1.5 BrushNet pipeline's folder (its BrushNet in brushnet/)."""
+    return golden("sd15_tiny_pipeline").dir
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_pipe(tiny_sd15_base):
+    """That pipeline loaded, one per test module (tests may change its settings)."""
+    from brushnet import StableDiffusionBrushNetPipeline
+
+    pipe = StableDiffusionBrushNetPipeline.from_pretrained(tiny_sd15_base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def pytest_terminal_summary(terminalreporter):
     if GOLDEN_ERRORS:
         terminalreporter.write_sep("-", "golden cases: max relative error")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -25,8 +26,8 @@ from brushnet.loading import ModelLoadError, check_model_pair, load_pipeline
 
 
 @pytest.fixture(scope="module")
-def base(golden):
-    return golden("sd15_tiny_pipeline").dir
+def base(tiny_sd15_base):
+    return tiny_sd15_base
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,8 @@ def models(base):
 
 
 @pytest.fixture(scope="module")
-def pipe(base):
-    pipe = StableDiffusionBrushNetPipeline.from_pretrained(base)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_sd15_pipe):
+    return tiny_sd15_pipe
 
 
 @pytest.fixture
@@ -347,8 +346,11 @@ def test_a_folder_is_split_between_launched_processes(tmp_path, base):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{k}.png")
         Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 4)).save(masks / f"{k}.png")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    with socket.socket() as sock:  # a free port: a fixed one may be held by another run on this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29519", "-m", "brushnet", "inpaint", str(images),
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "brushnet", "inpaint", str(images),
          str(masks), "-p", "x", "--out", str(out), "--base", str(base), "--brushnet", str(base / "brushnet"),
          "--steps", "1", "--seed", "0"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})

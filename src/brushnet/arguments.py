@@ -18,6 +18,8 @@ MAX_SEED = 2**63 - 1
 # More images per input than this is a typo; they are generated in chunks, so memory is not the limit.
 MAX_IMAGES = 1000
 MAX_BLEND_KERNEL = 1001
+# How the VAE spends memory on large images (`inpaint.vae_tiling`); the CLI's --vae-tiling choices.
+VAE_TILING_MODES = ("auto", "on", "off")
 
 
 def _is_real(value) -> bool:
@@ -94,6 +96,12 @@ def check_blend_kernel(value, name: str = "blend_kernel") -> int:
     if kernel % 2 == 0:
         raise ValueError(f"{name} must be odd (a blur kernel has a centre pixel); got {kernel}.")
     return kernel
+
+
+def check_vae_tiling(mode, name: str = "vae_tiling") -> str:
+    if mode not in VAE_TILING_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(VAE_TILING_MODES)}; got {mode!r}.")
+    return mode
 
 
 def check_control_window(start, end, names: tuple[str, str] = ("control_guidance_start", "control_guidance_end")

@@ -519,7 +519,7 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
             scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
             blend=args.blend, blend_kernel=args.blend_kernel or inpainting.default_blend_kernel(pipe),
             crop_to_mask=args.crop_to_mask, context=args.context, strength=args.strength,
-            brushnet_every=args.brushnet_every, extra=keywords,
+            brushnet_every=args.brushnet_every, vae_tiling=args.vae_tiling, extra=keywords,
         )
         try:
             image, mask = _read_job(job, args)

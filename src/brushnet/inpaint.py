@@ -5,6 +5,9 @@ resized to that area and the result restored to the photo's size; with `crop_to_
 window around the hole is processed. With blending (the default), the result is pasted over the
 original through the blurred mask at full resolution, so every pixel away from the hole is the
 original's, bit for bit.
+
+The VAE works in tiles (`vae_tiling`) by default only on images far larger than that area, so at
+the sizes `inpaint` works at it runs as diffusers runs it by default.
 """
 
 import contextlib
@@ -24,6 +27,7 @@ from .arguments import (
     check_seed,
     check_steps,
     check_text,
+    check_vae_tiling,
 )
 from .pipelines.blending import blend
 from .regions import crop_window, hole_box, working_size
@@ -32,6 +36,14 @@ logger = logging.getLogger(__name__)
 # Images of one input share a pipeline call up to this many; more are split into several calls,
 # since memory grows with the batch (250 images of the 64-px demo model took 1.8 GB in one call).
 IMAGES_PER_CALL = 4
+# "auto" decodes an image whole up to this many native areas (twice the native side: 1024x1024 for
+# SD1.5, 2048x2048 for SDXL) and in tiles above. Decoding memory grows with the pixels decoded at once;
+# measured on SD1.5's VAE in fp32 on CPU (BENCHMARKS.md, "VAE memory"): 1.0 GB for one 512x512 image,
+# 3.0 GB for four, 3.8 GB for one 1024x1024 whole and 1.1 GB in tiles, which took 1.8x the time. Up to
+# here an image needs about what the IMAGES_PER_CALL native-size images of one `inpaint` call need;
+# above, whole decoding grows with the area while tiles stay near one tile's memory. The bound is on
+# the area, not a side: a long thin image of the native area needs no more memory than a square one.
+AUTO_TILING_NATIVE_AREAS = 4
 
 
 @dataclass
@@ -51,6 +63,7 @@ class InpaintSettings:
     context: float = 0.3
     strength: float = 1.0  # < 1: start from the photo noised to this fraction of the schedule
     brushnet_every: int = 1  # > 1: the branch runs every k-th step, its residuals reused between
+    vae_tiling: str = "auto"  # "auto", "on" or "off": when the VAE works in tiles, see `vae_tiling`
     extra: dict = field(default_factory=dict)  # further pipeline keywords
 
     def as_dict(self) -> dict:
@@ -90,6 +103,7 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
     check_number(settings.context, name("context"), low=0.0, high=10.0)
     check_number(settings.strength, name("strength"), low=0.0, high=1.0, low_inclusive=False)
     check_number(settings.brushnet_every, name("brushnet_every"), low=1, high=100, integer=True)
+    check_vae_tiling(settings.vae_tiling, name("vae_tiling"))
     check_text(settings.prompt, name("prompt"))
     check_text(settings.negative_prompt, name("negative_prompt"))
 
@@ -137,14 +151,16 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
                     callback(done + i + 1, settings.steps * len(chunks))
                     return {}
 
-            results = pipe(
-                prompt=settings.prompt, negative_prompt=settings.negative_prompt or None, image=work_image,
-                mask=work_mask, height=size[1], width=size[0], num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance, brushnet_conditioning_scale=settings.scale,
-                control_guidance_start=settings.start, control_guidance_end=settings.end,
-                num_images_per_prompt=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
-                callback_on_step_end=step_end, output_type="pil", **_optional_keywords(settings), **settings.extra,
-            ).images
+            with vae_tiling(pipe, size[1], size[0], len(chunk), settings.vae_tiling):
+                results = pipe(
+                    prompt=settings.prompt, negative_prompt=settings.negative_prompt or None, image=work_image,
+                    mask=work_mask, height=size[1], width=size[0], num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance, brushnet_conditioning_scale=settings.scale,
+                    control_guidance_start=settings.start, control_guidance_end=settings.end,
+                    num_images_per_prompt=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
+                    callback_on_step_end=step_end, output_type="pil", **_optional_keywords(settings),
+                    **settings.extra,
+                ).images
             for result in results:
                 result = result.resize(region.size, PIL.Image.LANCZOS)
                 if settings.blend:
@@ -152,6 +168,47 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
                 full = image.copy()
                 full.paste(result, box[:2])
                 yield full
+
+
+@contextlib.contextmanager
+def vae_tiling(pipe, height: int, width: int, num_images: int, mode: str = "auto"):
+    """Inside the block, the pipeline's VAE encodes and decodes `num_images` images of `height` x
+    `width` pixels in tiles, and the batch one image at a time, as `mode` says; the VAE's own settings
+    come back after. Yields whether it tiles.
+
+    - "off": never; the whole batch at once, as diffusers does by default.
+    - "on": always: diffusers' tiling (tiles of the VAE config's `sample_size`, blended over a quarter
+      of a tile; an image no larger than one tile is still done whole) and slicing (one image at a time).
+    - "auto": as "on" for an image over AUTO_TILING_NATIVE_AREAS times the model's native area, else as
+      "off", so every output at the sizes `inpaint` works at is what "off" makes, bit for bit.
+
+    Each tile is decoded alone (its own normalisation statistics too), so a tiled image differs from a
+    whole one, more so with small tiles (the demo model's 64 px: 22 dB PSNR apart at 256x256).
+    Slicing alone is not exact either (a batch's convolutions round otherwise than one image's: up to
+    2.4e-5 apart in decoded pixels on an SD1.5-shaped VAE), so "auto" slices only the batches it tiles.
+    """
+    check_vae_tiling(mode, "vae_tiling")
+    native = native_resolution(pipe)
+    tiles = mode == "on" or (mode == "auto" and height * width > AUTO_TILING_NATIVE_AREAS * native * native)
+    vae = pipe.vae
+    before = vae.use_tiling, vae.use_slicing
+    _set_vae_memory(vae, tiles, tiles and num_images > 1)
+    try:
+        yield tiles
+    finally:
+        _set_vae_memory(vae, *before)
+
+
+def _set_vae_memory(vae, tiling: bool, slicing: bool) -> None:
+    # diffusers' own switches, which refuse a VAE that cannot tile instead of ignoring the request.
+    if tiling:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    if slicing:
+        vae.enable_slicing()
+    else:
+        vae.disable_slicing()
 
 
 def _optional_keywords(settings: InpaintSettings) -> dict:

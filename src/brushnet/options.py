@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .arguments import check_number
+from .arguments import VAE_TILING_MODES, check_number
 
 ONE_MODEL = ("--base and --brushnet go together: pass both (a base model and a BrushNet of the same family), "
              "or neither to use the built-in demo model")
 # The InpaintSettings fields that are command-line flags of the same name (--negative-prompt, ...).
 SETTINGS_FLAGS = ("negative_prompt", "steps", "guidance", "scale", "start", "end", "seed", "num_images",
-                  "blend_kernel", "context", "strength", "brushnet_every")
+                  "blend_kernel", "context", "strength", "brushnet_every", "vae_tiling")
 
 
 class UserError(ValueError):
@@ -46,7 +46,7 @@ def add_model_options(parser, demo_default: bool = True) -> None:
 
 
 def add_loading_options(group) -> None:
-    """How models load, for every command that loads them (inpaint, outpaint, bench, serve)."""
+    """How models load and use memory, for every command that loads them (inpaint, outpaint, bench, serve)."""
     group.add_argument("--scheduler", default="unipc", help="unipc (default), ddim, dpmpp, dpmpp_karras, euler, "
                                                            "euler_a, pndm, lcm or tcd")
     group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -55,6 +55,10 @@ def add_loading_options(group) -> None:
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="keep weights in CPU memory and move them to the GPU when used (saves GPU memory)")
+    group.add_argument("--vae-tiling", default="auto", choices=VAE_TILING_MODES,
+                       help="VAE in tiles, a batch one image at a time: less memory, slightly different pixels. "
+                            "on: every image larger than one tile; off: never; auto (default): only images far "
+                            "above the model's native area, which these commands never make (they work at it)")
 
 
 # -- checks of what the user typed ---------------------------------------------------------------

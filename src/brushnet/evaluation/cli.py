@@ -110,7 +110,8 @@ def cmd_bench(args) -> int:
                "image_reward": tuple(args.image_reward_weights) if args.image_reward_weights else None}
     settings = InpaintSettings(
         prompt="", negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, scale=args.scale,
-        start=args.start, end=args.end, seed=args.seed, blend=args.blend, blend_kernel=args.blend_kernel)
+        start=args.start, end=args.end, seed=args.seed, blend=args.blend, blend_kernel=args.blend_kernel,
+        vae_tiling=args.vae_tiling)
 
     pipe_loader = params = None
     if generating:

@@ -55,7 +55,7 @@ RESULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Recorded parameters that must agree for an existing image to be reused.
 RESUME_KEYS = ("prompt", "negative_prompt", "steps", "guidance", "scale", "start", "end", "seed", "blend",
                "blend_kernel", "crop_to_mask", "context", "scheduler", "mask_key", "base_hash", "brushnet_hash",
-               "dtype", "loras")
+               "dtype", "loras", "vae_tiling")
 
 
 def paper_settings(**overrides) -> InpaintSettings:

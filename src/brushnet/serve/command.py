@@ -103,7 +103,8 @@ def build_service(args):
     device = resolve_device(args.device)
     check_scheduler(args.scheduler)
     options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), scheduler=args.scheduler,
-                          offload=args.offload, allow_pickle=args.allow_pickle, compile=args.compile)
+                          offload=args.offload, allow_pickle=args.allow_pickle, compile=args.compile,
+                          vae_tiling=args.vae_tiling)
     default = configured[0].name if configured else (demo.name if demo else None)
     if args.detector and not args.segmenter:
         raise UserError("--detector finds boxes that SAM turns into masks: give --segmenter too")

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..inpaint import InpaintSettings, default_blend_kernel, image_seeds, inpaint
@@ -68,9 +68,11 @@ class GenerationService:
 
     def run(self, model: str, image, mask, settings: InpaintSettings, session: str = "", progress=None,
             extra_params: dict | None = None) -> list[Result]:
-        """Inpaint `image` where `mask` is white with model `model` (a name from the registry)."""
+        """Inpaint `image` where `mask` is white with model `model` (a name from the registry); the
+        VAE tiles as the server's --vae-tiling says."""
         requested = time.monotonic()
         self.registry.entry(model)  # an unknown name is refused before it waits for the device
+        settings = replace(settings, vae_tiling=self.registry.options.vae_tiling)
         with self._device_lock:
             run = Run(start=time.monotonic())
             try:

@@ -139,7 +139,8 @@ def unique_names(entries: list[ModelEntry]) -> list[ModelEntry]:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How every model is loaded: the CLI's --device/--dtype/--scheduler/--offload/--allow-pickle/--compile."""
+    """How every model is loaded and run: the CLI's --device/--dtype/--scheduler/--offload/--allow-pickle/--compile
+    and --vae-tiling (for every generation: the page has no control of its own for it)."""
 
     device: str = "cpu"
     dtype: object = None  # a torch dtype; None: float32
@@ -147,6 +148,7 @@ class LoadOptions:
     offload: str = "none"
     allow_pickle: bool = False
     compile: bool = False
+    vae_tiling: str = "auto"
 
 
 class ModelRegistry:
