@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from brushnet.cli import main
@@ -18,7 +19,8 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "build_demo_model.py"
 def test_build_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "build"
     command = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--scenes", "48", "--batch", "4",
-               "--vae-batch", "4", "--vae-steps", "2", "--base-steps", "2", "--brushnet-steps", "4"]
+               "--vae-batch", "4", "--vae-steps", "2", "--base-steps", "2", "--base-schedule", "linear",
+               "--decoder-steps", "2", "--brushnet-steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -38,6 +40,29 @@ def test_build_runs_every_stage_and_resumes(tmp_path):
                  "--out", str(tmp_path / "result.png")]) == 0
     result = np.asarray(Image.open(tmp_path / "result.png").convert("RGB"))
     assert result.shape == (64, 64, 3)
+
+    # The decoder stage trained the decoder alone: the shipped VAE's encoder is the base's, so the
+    # latents the base and the BrushNet learned are unchanged.
+    from safetensors.torch import load_file
+
+    trained, assembled = (load_file(next((folder / "vae").glob("*.safetensors"))) for folder in (out, model))
+    encoder = [k for k in trained if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in trained if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder
+    # (the assembled weights are stored in float16)
+    assert all(torch.equal(trained[k].half(), assembled[k]) for k in encoder)
+    assert not all(torch.equal(trained[k].half(), assembled[k]) for k in decoder)
+
+    # --base-from a base folder starts from its weights (0 steps: saved as loaded).
+    again = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "more"), "--stage", "base", "--device", "cpu",
+                            "--scenes", "8", "--base-from", str(out / "base"), "--base-steps", "0"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for part in ("unet", "text_encoder"):
+        [ours] = (tmp_path / "more" / "base" / part).glob("*.safetensors")
+        [theirs] = (out / "base" / part).glob("*.safetensors")
+        first, second = load_file(ours), load_file(theirs)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), part
 
 
 def test_fine_tuning_the_shipped_brushnet_with_the_drawn_mix(tmp_path):

@@ -3,7 +3,7 @@
 Every stage checkpoints into OUT and resumes where it stopped, so the build can run in several
 sittings (on a 2-core CPU) or at once on a GPU:
 
-    OMP_NUM_THREADS=1 python tools/build_demo_model.py OUT --install [--stage all|data|vae|base|brushnet|assemble]
+    OMP_NUM_THREADS=1 python tools/build_demo_model.py OUT --install [--stage all|data|vae|base|decoder|brushnet|assemble]
 
 The defaults are the shipped model's settings (4000 scenes; VAE 1300 steps at batch 16; base 3000
 steps at batch 32; BrushNet 2000 steps at batch 32, lr 3e-4): about 1 h 50 min on one CPU core
@@ -30,13 +30,18 @@ overlaps, shapes cut by the border); `--brushnet-from DIR` starts from any Brush
 follow) a latent mask where a 4x4 latent cell is hole if any of its pixels is: with the
 reference's nearest sampling a quarter of a drawn stroke's pixels sit in cells marked keep, where
 the masked image is black (BENCHMARKS.md). `--drawn-weights` sets how often `--mask-mix drawn`
-draws each kind of hole. Base stage: `--base-from shipped` goes on training the shipped base,
-`--base-captions partial` on image, shape, background and empty captions (measured worse, not
-shipped).
+draws each kind of hole. Base stage: `--base-from shipped` (or a base folder) goes on training
+that base, `--base-schedule linear` takes the learning rate down to 0 over the run (how the shipped
+base's last sittings ran, BENCHMARKS.md), and
+`--base-captions partial` trains on image, shape, background and empty captions (measured worse,
+not shipped). `--decoder-steps N` (the `decoder` stage) trains the VAE's decoder on with its
+encoder frozen, so the latents, the base and the BrushNet stay valid; `assemble` ships it.
 
-The shipped BrushNet is the first one fine-tuned on drawn holes in four stages, each resuming and
-each starting from the last one's checkpoint with `--brushnet-from`; BENCHMARKS.md ("Holes people
-draw") has every stage's command and what it measured. The first stage:
+The shipped model is the first one fine-tuned on drawn holes in five stages, each resuming and
+each starting from the last one's checkpoint with `--brushnet-from`; the fifth also trains the base
+on (2500 steps, `--base-schedule linear`) and the decoder (`--decoder-steps 3000`) and fine-tunes
+the BrushNet against that base. BENCHMARKS.md ("Holes people draw") has every stage's command and
+what it measured. The first stage:
 
     OMP_NUM_THREADS=1 python tools/build_demo_model.py FT --stage brushnet --brushnet-from shipped \
         --mask-mix drawn --scene-layout varied --brushnet-steps 2200 --brushnet-lr 1e-4
@@ -44,13 +49,15 @@ draw") has every stage's command and what it measured. The first stage:
 Stages: `data` writes the training scenes (images, captions, per-shape RLE masks); `vae` trains an
 AutoencoderKL (64x64 -> 16x16x4); `base` trains a CLIP text encoder over the closed vocabulary
 together with an SD1.5-shaped UNet (epsilon prediction, 10 % empty captions) and saves a
-StableDiffusionPipeline folder; `brushnet` runs `brushnet.training.train` on it with the scenes'
+StableDiffusionPipeline folder; `decoder` (only with --decoder-steps) sharpens the VAE's decoder;
+`brushnet` runs `brushnet.training.train` on it with the scenes'
 segmentation masks; `assemble` writes the BrushNet pipeline folder the package ships, its
 weights stored in float16.
 """
 
 import argparse
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -111,9 +118,12 @@ def scene_batches(data: Path, batch: int, seed: int | None, device, epochs: int 
             yield pixels.to(device), captions
 
 
-def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, device, log_every=100):
-    """A resumable loop: AdamW over `modules`, `step_fn()` returns the loss; checkpoints in out/name.pt."""
-    params = [p for m in modules.values() for p in m.parameters()]
+def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, device, log_every=100,
+                schedule: str = "constant"):
+    """A resumable loop: AdamW over `modules`, `step_fn()` returns the loss; checkpoints in out/name.pt.
+    `schedule` "linear" takes the learning rate from `lr` down to 0 at `steps` (a function of the step,
+    so a resumed run follows the same curve)."""
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     checkpoint, step = out / f"{name}.pt", 0
     if checkpoint.exists():
@@ -123,7 +133,11 @@ def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, 
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"{name}: resuming at step {step}")
+    started, first = time.perf_counter(), step
     while step < steps:
+        if schedule == "linear":
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 - step / steps)
         loss = step_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,7 +145,8 @@ def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, 
         optimizer.step()
         step += 1
         if step % log_every == 0 or step == steps:
-            print(f"{name}: step {step}/{steps} loss {loss.item():.4f}", flush=True)
+            seconds = (time.perf_counter() - started) / (step - first)
+            print(f"{name}: step {step}/{steps} loss {loss.item():.4f} ({seconds:.2f} s/step)", flush=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({**{k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
                         "step": step}, tmp)
@@ -155,6 +170,49 @@ def stage_vae(out: Path, args, device):
         std = vae.encode(pixels).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(out / "vae")
+
+
+def vae_folder(out: Path) -> Path:
+    """The VAE the base was trained on: this build's, else the shipped one (copied once)."""
+    if (out / "vae").exists():
+        return out / "vae"
+    from brushnet.demo.model import DEMO_MODEL_DIR
+
+    copy_once(DEMO_MODEL_DIR / "vae", out / "shipped-vae")
+    return out / "shipped-vae"
+
+
+def stage_decoder(out: Path, args, device):
+    """Train the VAE's decoder on with its encoder frozen: the latents, hence the base and the
+    BrushNet trained on them, stay as they are (plug-and-play, as SD's fine-tuned decoders are);
+    only the pixels decoded from them get sharper."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from PIL import Image
+
+    write_data(out, args)
+    vae = AutoencoderKL.from_pretrained(vae_folder(out), torch_dtype=torch.float32).to(device)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True).train()
+    vae.post_quant_conv.requires_grad_(True).train()
+    # The encoder is frozen: encode every scene once; the pixels stay uint8 until a batch needs them.
+    images = sorted((out / "data").glob("*.png"))
+    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        moments = torch.cat([vae.encode(pixels[i:i + 50].to(device).float() / 127.5 - 1).latent_dist.parameters
+                             for i in range(0, len(pixels), 50)])
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        picked = torch.randint(0, len(moments), (args.vae_batch,), generator=generator)
+        target = pixels[picked].to(device).float() / 127.5 - 1
+        latents = DiagonalGaussianDistribution(moments[picked.to(device)]).sample()
+        reconstruction = vae.decode(latents).sample
+        return F.l1_loss(reconstruction, target) + F.mse_loss(reconstruction, target)
+
+    train_steps("decoder", out, {"vae": vae}, args.decoder_steps, args.decoder_lr, step, device, schedule="linear")
+    vae.save_pretrained(out / "decoder")
 
 
 # How often the base trains on each kind of caption with `--base-captions partial`: the whole
@@ -191,21 +249,24 @@ def stage_base(out: Path, args, device):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     tokenizer = write_tokenizer(out / "tokenizer")
-    if args.base_from == "shipped":
-        # Go on training the shipped base (its VAE unchanged): copy it once next to the run.
+    source = None
+    if args.base_from != "scratch":
+        # Go on training the shipped base, or a base folder (its VAE unchanged): the VAE copied once
+        # next to the run.
         from brushnet.demo.model import DEMO_MODEL_DIR
 
-        copy_once(DEMO_MODEL_DIR / "vae", out / "vae")
+        source = DEMO_MODEL_DIR if args.base_from == "shipped" else Path(args.base_from)
+        copy_once(source / "vae", out / "vae")
     vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).requires_grad_(False)
     text_encoder, unet = (m.to(device).train() for m in base_models(tokenizer))
-    if args.base_from == "shipped":
+    if source is not None:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(
-            DEMO_MODEL_DIR / "unet", torch_dtype=torch.float32).state_dict())
+            source / "unet", torch_dtype=torch.float32).state_dict())
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
-            DEMO_MODEL_DIR / "text_encoder", torch_dtype=torch.float32).state_dict())
+            source / "text_encoder", torch_dtype=torch.float32).state_dict())
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     steps_offset=1)
     # The VAE is frozen here: encode every scene once (mean and log-variance) instead of every step.
@@ -237,7 +298,8 @@ def stage_base(out: Path, args, device):
         prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         return F.mse_loss(prediction, noise)
 
-    train_steps("base", out, {"unet": unet, "text_encoder": text_encoder}, args.base_steps, args.base_lr, step, device)
+    train_steps("base", out, {"unet": unet, "text_encoder": text_encoder}, args.base_steps, args.base_lr, step, device,
+                schedule=args.base_schedule)
     scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -296,6 +358,10 @@ def stage_assemble(out: Path, install: bool):
 
     pipe = StableDiffusionBrushNetPipeline.from_pretrained(base_folder(out), brushnet=BrushNetModel.from_pretrained(
         out / "brushnet"))
+    if (out / "decoder").exists():  # the decoder stage's VAE: the same encoder, so the same latents
+        from diffusers import AutoencoderKL
+
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(out / "decoder"))
     # float16 on disk halves the package; the weights load back as float32 (measured in
     # BENCHMARKS.md on the shipped files, so the figures are the shipped model's).
     pipe.to(torch.float16)
@@ -317,7 +383,8 @@ def stage_assemble(out: Path, install: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--stage", default="all", choices=["all", "data", "vae", "base", "brushnet", "assemble"])
+    parser.add_argument("--stage", default="all", choices=["all", "data", "vae", "base", "decoder", "brushnet",
+                                                              "assemble"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scenes", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32, help="batch of the base and BrushNet stages")
@@ -326,9 +393,15 @@ def main():
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--brushnet-steps", type=int, default=2000)
     parser.add_argument("--base-lr", type=float, default=3e-4)
-    parser.add_argument("--base-from", default="scratch", choices=["scratch", "shipped"],
+    parser.add_argument("--base-schedule", default="constant", choices=["constant", "linear"],
+                        help="base: the learning rate constant, or from --base-lr down to 0 over the run")
+    parser.add_argument("--decoder-steps", type=int, default=0,
+                        help="decoder: train the VAE's decoder on this many steps, its encoder frozen (0: skip)")
+    parser.add_argument("--decoder-lr", type=float, default=3e-4,
+                        help="decoder: the learning rate, down to 0 over the run")
+    parser.add_argument("--base-from", default="scratch",
                         help="base: train the text encoder and UNet from scratch, or go on from the shipped "
-                             "base (its VAE kept)")
+                             "base (shipped) or a base folder (a path); the VAE kept")
     parser.add_argument("--base-captions", default="image", choices=["image", "partial"],
                         help="base: train on the image's caption (10 %% empty), or on a mix of the image's, "
                              "one shape's, the background's and none (PARTIAL_CAPTION_WEIGHTS)")
@@ -350,7 +423,7 @@ def main():
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    stages = ["data", "vae", "base", "brushnet", "assemble"] if args.stage == "all" else [args.stage]
+    stages = ["data", "vae", "base", "decoder", "brushnet", "assemble"] if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "data":
             write_data(args.out, args)
@@ -359,6 +432,8 @@ def main():
         elif stage == "base" and not (args.out / "base").exists():
             write_data(args.out, args)
             stage_base(args.out, args, args.device)
+        elif stage == "decoder" and args.decoder_steps and not (args.out / "decoder").exists():
+            stage_decoder(args.out, args, args.device)
         elif stage == "brushnet":
             stage_brushnet(args.out, args, args.device)
         elif stage == "assemble":
