@@ -88,3 +88,11 @@ def test_fine_tuning_the_shipped_brushnet_with_the_drawn_mix(tmp_path):
         assert ours.read_bytes() == theirs.read_bytes(), part
     assert shipped == {p.relative_to(DEMO_MODEL_DIR): p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")
                        if p.is_file()}
+
+
+def test_a_base_from_that_is_no_base_folder_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(TOOL), str(out), "--stage", "base", "--base-from", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "not a base folder" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()

@@ -421,6 +421,10 @@ def main():
     parser.add_argument("--install", action="store_true",
                         help="assemble: also copy the model into the package (src/brushnet/demo/model)")
     args = parser.parse_args()
+    if args.base_from not in ("scratch", "shipped") and not all(
+            (Path(args.base_from) / part).is_dir() for part in ("unet", "text_encoder", "vae")):
+        parser.error(f"--base-from {args.base_from}: not a base folder (unet/, text_encoder/ and vae/); "
+                     "give scratch, shipped or a base stage's OUT/base")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     stages = ["data", "vae", "base", "decoder", "brushnet", "assemble"] if args.stage == "all" else [args.stage]
