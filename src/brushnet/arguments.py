@@ -98,10 +98,11 @@ def check_blend_kernel(value, name: str = "blend_kernel") -> int:
     return kernel
 
 
-def check_vae_tiling(mode, name: str = "vae_tiling") -> str:
-    if mode not in VAE_TILING_MODES:
-        raise ValueError(f"{name} must be one of {', '.join(VAE_TILING_MODES)}; got {mode!r}.")
-    return mode
+def check_choice(value, choices, name: str):
+    """A value that must be one of a few names (a mode, a mix, a schedule)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+    return value
 
 
 def check_control_window(start, end, names: tuple[str, str] = ("control_guidance_start", "control_guidance_end")

@@ -18,7 +18,9 @@ import PIL.Image
 import torch
 
 from .arguments import (
+    VAE_TILING_MODES,
     check_blend_kernel,
+    check_choice,
     check_conditioning_scale,
     check_control_window,
     check_guidance,
@@ -27,7 +29,6 @@ from .arguments import (
     check_seed,
     check_steps,
     check_text,
-    check_vae_tiling,
 )
 from .pipelines.blending import blend
 from .regions import crop_window, hole_box, working_size
@@ -103,7 +104,7 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
     check_number(settings.context, name("context"), low=0.0, high=10.0)
     check_number(settings.strength, name("strength"), low=0.0, high=1.0, low_inclusive=False)
     check_number(settings.brushnet_every, name("brushnet_every"), low=1, high=100, integer=True)
-    check_vae_tiling(settings.vae_tiling, name("vae_tiling"))
+    check_choice(settings.vae_tiling, VAE_TILING_MODES, name("vae_tiling"))
     check_text(settings.prompt, name("prompt"))
     check_text(settings.negative_prompt, name("negative_prompt"))
 
@@ -187,7 +188,7 @@ def vae_tiling(pipe, height: int, width: int, num_images: int, mode: str = "auto
     Slicing alone is not exact either (a batch's convolutions round otherwise than one image's: up to
     2.4e-5 apart in decoded pixels on an SD1.5-shaped VAE), so "auto" slices only the batches it tiles.
     """
-    check_vae_tiling(mode, "vae_tiling")
+    check_choice(mode, VAE_TILING_MODES, "vae_tiling")
     native = native_resolution(pipe)
     tiles = mode == "on" or (mode == "auto" and height * width > AUTO_TILING_NATIVE_AREAS * native * native)
     vae = pipe.vae

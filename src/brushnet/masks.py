@@ -14,6 +14,8 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
+from .arguments import check_choice
+
 
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -121,8 +123,7 @@ MASK_DOWNSAMPLINGS = ("nearest", "max")
 
 
 def check_mask_downsampling(mode, name: str = "mask_downsampling") -> None:
-    if mode not in MASK_DOWNSAMPLINGS:
-        raise ValueError(f"Unknown {name} {mode!r}: use one of {', '.join(MASK_DOWNSAMPLINGS)}.")
+    check_choice(mode, MASK_DOWNSAMPLINGS, name)
 
 
 def latent_keep_mask(keep: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:

@@ -11,6 +11,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from ..arguments import check_choice
 from .mask_mix import MASK_MIXES, parse_drawn_weights
 from .transforms import training_sample
 
@@ -133,9 +134,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"proportion_empty_prompts must be in [0, 1]; got {proportion_empty_prompts}.")
         self.resolution = resolution
         self.random_mask = random_mask
-        if mask_mix not in MASK_MIXES:
-            raise ValueError(f"mask_mix must be one of {', '.join(MASK_MIXES)}; got {mask_mix!r}.")
-        self.mask_mix = mask_mix
+        self.mask_mix = check_choice(mask_mix, MASK_MIXES, "mask_mix")
         self.drawn_weights = parse_drawn_weights(drawn_weights)
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed

@@ -29,6 +29,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..arguments import check_choice
 from ..masks import random_brush_mask, rle_decode
 from .mask_mix import (
     DRAWN_INVERSION_PROBABILITY,
@@ -92,8 +93,7 @@ def choose_keep(
     `mask_mix` "strokes" and "drawn" (see `mask_mix`, they need the training `resolution`) replace
     that choice: keep = 1 - the mix's hole, the segmentation masks being the objects it draws around.
     """
-    if mask_mix not in MASK_MIXES:
-        raise ValueError(f"mask_mix must be one of {', '.join(MASK_MIXES)}; got {mask_mix!r}.")
+    check_choice(mask_mix, MASK_MIXES, "mask_mix")
     if mask_mix != "reference":
         if resolution is None:
             raise ValueError(f"mask_mix {mask_mix!r} scales with the training resolution: pass `resolution`.")

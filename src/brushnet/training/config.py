@@ -167,18 +167,15 @@ def check_options(config: TrainConfig) -> None:
     if config.resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8 (the VAE and UNet downsample by 8); "
                          f"got {config.resolution}.")
-    from ..data.mask_mix import MASK_MIXES
-
-    if config.mask_mix not in MASK_MIXES:
-        raise ValueError(f"--mask_mix must be one of {', '.join(MASK_MIXES)}; got {config.mask_mix!r}.")
-    from ..data.mask_mix import parse_drawn_weights
+    from ..arguments import check_choice
+    from ..data.mask_mix import MASK_MIXES, parse_drawn_weights
     from ..masks import check_mask_downsampling
 
+    check_choice(config.mask_mix, MASK_MIXES, "--mask_mix")
     parse_drawn_weights(config.drawn_weights)  # refused here, before anything loads
     if config.mask_downsampling is not None:
         check_mask_downsampling(config.mask_downsampling, "--mask_downsampling")
-    if config.lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {config.lr_scheduler!r}.")
+    check_choice(config.lr_scheduler, LR_SCHEDULERS, "--lr_scheduler")
     if config.lr_scheduler == "polynomial" and config.learning_rate <= 1e-7:
         raise ValueError("--lr_scheduler polynomial decays to 1e-7: give a --learning_rate above it; "
                          f"got {config.learning_rate}.")
