@@ -118,6 +118,18 @@ def scene_batches(data: Path, batch: int, seed: int | None, device, epochs: int 
             yield pixels.to(device), captions
 
 
+def encode_scenes(vae, data: Path, device):
+    """Every written scene through the (frozen) VAE's encoder once: its posterior's parameters
+    (mean and log-variance), the captions, and the pixels as uint8 (N, 3, H, W) on the CPU."""
+    moments, captions, pixels = [], [], []
+    with torch.no_grad():
+        for batch, batch_captions in scene_batches(data, 50, None, device, epochs=1):
+            moments.append(vae.encode(batch).latent_dist.parameters)
+            captions += batch_captions
+            pixels.append(((batch + 1) * 127.5).round().to("cpu", torch.uint8))  # exactly the PNG's values
+    return torch.cat(moments), captions, torch.cat(pixels)
+
+
 def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, device, log_every=100,
                 schedule: str = "constant"):
     """A resumable loop: AdamW over `modules`, `step_fn()` returns the loss; checkpoints in out/name.pt.
@@ -186,22 +198,15 @@ def stage_decoder(out: Path, args, device):
     """Train the VAE's decoder on with its encoder frozen: the latents, hence the base and the
     BrushNet trained on them, stay as they are (plug-and-play, as SD's fine-tuned decoders are);
     only the pixels decoded from them get sharper."""
-    import numpy as np
     from diffusers import AutoencoderKL
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from PIL import Image
 
     write_data(out, args)
     vae = AutoencoderKL.from_pretrained(vae_folder(out), torch_dtype=torch.float32).to(device)
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True).train()
     vae.post_quant_conv.requires_grad_(True).train()
-    # The encoder is frozen: encode every scene once; the pixels stay uint8 until a batch needs them.
-    images = sorted((out / "data").glob("*.png"))
-    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        moments = torch.cat([vae.encode(pixels[i:i + 50].to(device).float() / 127.5 - 1).latent_dist.parameters
-                             for i in range(0, len(pixels), 50)])
+    moments, _, pixels = encode_scenes(vae, out / "data", device)
     generator = torch.Generator().manual_seed(0)
 
     def step():
@@ -270,12 +275,7 @@ def stage_base(out: Path, args, device):
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     steps_offset=1)
     # The VAE is frozen here: encode every scene once (mean and log-variance) instead of every step.
-    moments, all_captions = [], []
-    with torch.no_grad():
-        for pixels, captions in scene_batches(out / "data", 50, None, device, epochs=1):
-            moments.append(vae.encode(pixels).latent_dist.parameters)
-            all_captions += captions
-    moments = torch.cat(moments)
+    moments, all_captions, _ = encode_scenes(vae, out / "data", device)
     if args.base_captions == "partial":
         all_captions = [scene_captions(p) for p in sorted((out / "data").glob("*.png"))]
     generator = torch.Generator().manual_seed(0)
