@@ -58,6 +58,7 @@ from brushnet.demo.scenes import (
 from brushnet.inpaint import InpaintSettings, default_blend_kernel, inpaint
 from brushnet.loading import load_pipeline
 from brushnet.pipelines.blending import blend
+from brushnet.schedulers import make_scheduler
 
 METHODS = ("brushnet+blend", "blended-latent", "masked-image")
 KINDS = ("exact", "grown", "box", "stroke-across", "background-stroke", "removal")
@@ -228,6 +229,8 @@ def main():
         return merge(args.merge)
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model, args.brushnet or f"{args.model}/brushnet", torch_dtype=torch.float32)
+    # The CLI's default --scheduler (UniPC ending at sigma_min), not the folder's own config.
+    pipe.scheduler = make_scheduler("unipc", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     kernel = default_blend_kernel(pipe)
 

@@ -32,4 +32,11 @@ def make_scheduler(name: str, config):
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
     cls, overrides = SCHEDULERS[name]
-    return cls.from_config({**dict(config), **overrides})
+    config = dict(config)
+    # DDIM clips its predicted x0 to [-1, 1] unless told not to: right for pixel-space models, ruinous
+    # for latents (they run past 1). SD's own PNDM config says clip_sample false, but a config saved
+    # by a scheduler without that field (UniPC, Euler, DPM++: the demo model's, many fine-tunes')
+    # does not, and DDIM would fall back to clipping: a latent model here never clips unless its
+    # config asks to.
+    config.setdefault("clip_sample", False)
+    return cls.from_config({**config, **overrides})
