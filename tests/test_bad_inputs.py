@@ -112,6 +112,22 @@ def test_outpaint_numbers(photo, no_model_load, capsys):
     assert "canvas would be" in _one_line_error(["outpaint", str(image), "--left", "100000", "--top", "9000", "-p", "x"], capsys)
     assert "--guidance must be" in _one_line_error(["outpaint", str(image), "--left", "8", "-p", "x",
                                                     "--guidance", "nan"], capsys)
+    # Under the area limit but a 1000032-pixel-wide strip: refused by its side (it used to be made,
+    # the model working at a stretched 8 pixels high).
+    line = _one_line_error(["outpaint", str(image), "--left", "1000000", "-p", "x"], capsys)
+    assert "canvas would be 1000032x32" in line and "16384 a side" in line
+
+
+def test_an_image_too_narrow_for_the_model_is_one_line(tmp_path, models, capsys):
+    # 4000x4 at the tiny model's 16x16 native area: its short side would be a quarter of a latent
+    # cell there, rounded up to a whole one, the image stretched 4x: refused instead.
+    Image.new("RGB", (4000, 4), "red").save(tmp_path / "strip.png")
+    Image.new("L", (4000, 4), 255).save(tmp_path / "strip-mask.png")
+    out = tmp_path / "r.png"
+    line = _one_line_error(["inpaint", str(tmp_path / "strip.png"), str(tmp_path / "strip-mask.png"), "-p", "x",
+                            *models, "--out", str(out)], capsys)
+    assert "4000x4: too narrow for this model" in line and "crop the image" in line
+    assert not out.exists()
 
 
 def test_steps_the_scheduler_cannot_space_are_refused(photo, models, capsys):

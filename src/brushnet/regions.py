@@ -8,15 +8,24 @@ import math
 import numpy as np
 import PIL.Image
 
-# An outpainting margin that makes a canvas over this is a typo (a 100000-pixel margin), not a photo:
-# refused before the canvas is allocated.
-MAX_CANVAS_SIDE = 8192
-MAX_CANVAS_PIXELS = MAX_CANVAS_SIDE * MAX_CANVAS_SIDE
+# An outpainting margin that makes a canvas over these is a typo (a 100000-pixel margin), not a
+# photo: refused before the canvas is allocated. A side is checked on its own too: --left 1000000
+# on a 64-pixel-high image stays under the area.
+MAX_CANVAS_SIDE = 16384
+MAX_CANVAS_PIXELS = 8192 * 8192
 
 
 def working_size(width: int, height: int, native: int, multiple: int = 8) -> tuple[int, int]:
-    """The size with the model's native area (native x native) and the same aspect, in multiples."""
+    """The size with the model's native area (native x native) and the same aspect, in multiples.
+
+    A ValueError for an image so narrow that its short side would be under one latent cell there:
+    rounding it up would stretch the image, and the result be stretched back into garbage."""
     scale = native / math.sqrt(width * height)
+    if min(width, height) * scale < multiple / 2:
+        longest = (2 * native / multiple) ** 2  # the most elongated aspect that rounds to one cell
+        raise ValueError(f"The image is {width}x{height}: too narrow for this model, which works at about "
+                         f"{native}x{native} pixels and needs a side at least 1/{longest:.0f} of the other: "
+                         "crop the image, or outpaint fewer pixels.")
     fit = lambda x: max(multiple, int(round(x * scale / multiple)) * multiple)  # noqa: E731
     return fit(width), fit(height)
 
@@ -55,9 +64,9 @@ def outpaint_canvas(image: PIL.Image.Image, left: int = 0, right: int = 0, top: 
     if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
         raise ValueError("Outpainting needs at least one of --left/--right/--top/--bottom > 0 (pixels, none negative).")
     width, height = image.width + left + right, image.height + top + bottom
-    if width * height > MAX_CANVAS_PIXELS:
-        raise ValueError(f"The outpainted canvas would be {width}x{height} = {width * height} pixels, more than "
-                         f"{MAX_CANVAS_PIXELS} ({MAX_CANVAS_SIDE}x{MAX_CANVAS_SIDE}): add fewer pixels.")
+    if width * height > MAX_CANVAS_PIXELS or max(width, height) > MAX_CANVAS_SIDE:
+        raise ValueError(f"The outpainted canvas would be {width}x{height}, more than {MAX_CANVAS_PIXELS} pixels "
+                         f"(8192x8192) or {MAX_CANVAS_SIDE} a side: add fewer pixels.")
     canvas = PIL.Image.new("RGB", (width, height), fill)
     canvas.paste(image.convert("RGB"), (left, top))
     mask = np.full((height, width), 255, dtype=np.uint8)
