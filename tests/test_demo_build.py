@@ -72,11 +72,16 @@ def test_fine_tuning_the_shipped_brushnet_with_the_drawn_mix(tmp_path):
     out = tmp_path / "ft"
     command = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--stage", "brushnet", "--brushnet-from",
                "shipped", "--mask-mix", "drawn", "--scene-layout", "varied", "--scenes", "16", "--batch", "4",
-               "--brushnet-steps", "2"]
+               "--brushnet-steps", "2", "--brushnet-schedule", "linear", "--masked-loss-weight", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "shipped" / "brushnet").is_dir() and len(list((out / "data").glob("*.png"))) == 16
+    # --brushnet-schedule linear reached the trainer: no warm-up, the rate at 0 after the last step.
+    import torch
+
+    schedule = torch.load(out / "brushnet" / "checkpoint-2" / "scheduler.bin", weights_only=True)
+    assert schedule["base_lrs"] == [3e-4] and schedule["_last_lr"] == [0.0], schedule
     assert (out / "brushnet" / "diffusion_pytorch_model.safetensors").is_file()
     assemble = subprocess.run([sys.executable, str(TOOL), str(out), "--stage", "assemble"], capture_output=True,
                               text=True, env=env, timeout=300)

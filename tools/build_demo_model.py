@@ -37,11 +37,13 @@ base's last sittings ran, BENCHMARKS.md), and
 not shipped). `--decoder-steps N` (the `decoder` stage) trains the VAE's decoder on with its
 encoder frozen, so the latents, the base and the BrushNet stay valid; `assemble` ships it.
 
-The shipped model is the first one fine-tuned on drawn holes in five stages, each resuming and
+The shipped model is the first one fine-tuned on drawn holes in six stages, each resuming and
 each starting from the last one's checkpoint with `--brushnet-from`; the fifth also trains the base
 on (2500 steps, `--base-schedule linear`) and the decoder (`--decoder-steps 3000`) and fine-tunes
-the BrushNet against that base. BENCHMARKS.md ("Holes people draw") has every stage's command and
-what it measured. The first stage:
+the BrushNet against that base; the sixth fine-tunes that BrushNet on (`--brushnet-schedule
+linear`: the learning rate down to 0 over the run; `--masked-loss-weight` weighs the hole's latent
+pixels more in the loss, measured no better). BENCHMARKS.md ("Holes people draw") has every stage's
+command and what it measured. The first stage:
 
     OMP_NUM_THREADS=1 python tools/build_demo_model.py FT --stage brushnet --brushnet-from shipped \
         --mask-mix drawn --scene-layout varied --brushnet-steps 2200 --brushnet-lr 1e-4
@@ -346,7 +348,9 @@ def stage_brushnet(out: Path, args, device):
         mask_mix=args.mask_mix, drawn_weights=args.drawn_weights, mask_downsampling=args.mask_downsampling,
         train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
-        learning_rate=args.brushnet_lr, checkpointing_steps=max(min(steps // 10, 100), 1),
+        learning_rate=args.brushnet_lr, masked_loss_weight=args.masked_loss_weight,
+        # linear: from --brushnet-lr down to 0 over the run, no warm-up (a fine-tune starts from trained weights)
+        lr_scheduler=args.brushnet_schedule, lr_warmup_steps=0, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
     ))
     print(f"brushnet: done at step {steps}", flush=True)
@@ -406,6 +410,11 @@ def main():
                         help="base: train on the image's caption (10 %% empty), or on a mix of the image's, "
                              "one shape's, the background's and none (PARTIAL_CAPTION_WEIGHTS)")
     parser.add_argument("--brushnet-lr", type=float, default=3e-4)
+    parser.add_argument("--brushnet-schedule", default="constant", choices=["constant", "linear"],
+                        help="brushnet: the learning rate constant, or from --brushnet-lr down to 0 over the run")
+    parser.add_argument("--masked-loss-weight", type=float, default=1.0,
+                        help="brushnet: how much more the hole's latent pixels weigh in the loss (1: plain MSE, "
+                             "the paper's; the trainer's --masked_loss_weight)")
     parser.add_argument("--brushnet-from", default="scratch",
                         help="brushnet: start from the base UNet (scratch), fine-tune the shipped BrushNet "
                              "(shipped) or a BrushNet folder (a path; against the shipped base)")
