@@ -384,11 +384,16 @@ def stage_assemble(out: Path, install: bool):
         print(f"installed into {DEMO_MODEL_DIR}", flush=True)
 
 
+# The stages in the order `--stage all` runs them.
+STAGES = ("data", "vae", "base", "decoder", "brushnet", "assemble")
+# How a stage's learning rate moves over its run (train_steps' `schedule`; the trainer's --lr_scheduler).
+LR_SCHEDULES = ("constant", "linear")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--stage", default="all", choices=["all", "data", "vae", "base", "decoder", "brushnet",
-                                                              "assemble"])
+    parser.add_argument("--stage", default="all", choices=["all", *STAGES])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scenes", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32, help="batch of the base and BrushNet stages")
@@ -397,7 +402,7 @@ def main():
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--brushnet-steps", type=int, default=2000)
     parser.add_argument("--base-lr", type=float, default=3e-4)
-    parser.add_argument("--base-schedule", default="constant", choices=["constant", "linear"],
+    parser.add_argument("--base-schedule", default="constant", choices=LR_SCHEDULES,
                         help="base: the learning rate constant, or from --base-lr down to 0 over the run")
     parser.add_argument("--decoder-steps", type=int, default=0,
                         help="decoder: train the VAE's decoder on this many steps, its encoder frozen (0: skip)")
@@ -410,7 +415,7 @@ def main():
                         help="base: train on the image's caption (10 %% empty), or on a mix of the image's, "
                              "one shape's, the background's and none (PARTIAL_CAPTION_WEIGHTS)")
     parser.add_argument("--brushnet-lr", type=float, default=3e-4)
-    parser.add_argument("--brushnet-schedule", default="constant", choices=["constant", "linear"],
+    parser.add_argument("--brushnet-schedule", default="constant", choices=LR_SCHEDULES,
                         help="brushnet: the learning rate constant, or from --brushnet-lr down to 0 over the run")
     parser.add_argument("--masked-loss-weight", type=float, default=1.0,
                         help="brushnet: how much more the hole's latent pixels weigh in the loss (1: plain MSE, "
@@ -436,7 +441,7 @@ def main():
                      "give scratch, shipped or a base stage's OUT/base")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    stages = ["data", "vae", "base", "decoder", "brushnet", "assemble"] if args.stage == "all" else [args.stage]
+    stages = STAGES if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "data":
             write_data(args.out, args)
