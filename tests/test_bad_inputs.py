@@ -87,6 +87,11 @@ def no_model_load(monkeypatch):
     (["--guidance", "nan"], "--guidance must be a number in [0, 100]; got nan"),
     (["--guidance", "inf"], "--guidance must be a number in [0, 100]; got inf"),
     (["--guidance", "-2"], "--guidance must be a number in [0, 100]"),
+    # Negative numbers argparse would take for option names ("expected one argument").
+    (["--guidance", "-inf"], "--guidance must be a number in [0, 100]; got -inf"),
+    (["--guidance", "-1e-3"], "--guidance must be a number in [0, 100]; got -0.001"),
+    (["--scale", "-.5e1"], "--scale must be a number in [0, 10]; got -5.0"),
+    (["--strength", "-NaN"], "--strength must be"),
     (["--scale", "nan"], "--scale must be a number in [0, 10]"),
     (["--start", "nan"], "--start must be a number in [0, 1]"),
     (["--start", "0.5", "--end", "0.5"], "--start must be less than --end"),
@@ -99,6 +104,8 @@ def no_model_load(monkeypatch):
     (["--context", "nan"], "--context must be a number in [0, 10]"),
     (["--dilate", "-1"], "--dilate must be >= 0"),
     (["--mask-threshold", "300"], "threshold must be between 0 and 255"),
+    (["--scheduler", "ddim2"], "unknown --scheduler 'ddim2'; choose one of unipc, ddim"),
+    (["-p", "   "], "--prompt is required"),
 ])
 def test_impossible_numbers_are_one_line_before_any_model_loads(photo, extra, message, no_model_load, capsys):
     image, mask = photo

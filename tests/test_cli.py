@@ -67,6 +67,53 @@ def test_inpaint_odd_size_jpeg_keeps_pixels_and_records_parameters(tmp_path, mod
     assert json.loads(capsys.readouterr().out) == params
 
 
+def test_output_format_follows_the_name_and_keeps_the_parameters(tmp_path, models, capsys):
+    _photo(tmp_path / "p.png", (48, 40))
+    _mask(tmp_path / "m.png", (48, 40), (10, 10, 30, 30))
+    args = ["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "un cœur rouge", "--seed", "3", *models]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    png = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
+    # A name no image format has ("b.result") is written as PNG under b.png, as before.
+    for name, written, image_format in (("a.jpg", "a.jpg", "JPEG"), ("a.JPEG", "a.JPEG", "JPEG"),
+                                        ("a.webp", "a.webp", "WEBP"), ("b.result", "b.png", "PNG")):
+        assert main([*args, "--out", str(tmp_path / name)]) == 0, name
+        with Image.open(tmp_path / written) as image:
+            assert image.format == image_format, name
+            difference = np.abs(np.asarray(image.convert("RGB")).astype(int) - png)
+        if image_format == "JPEG":  # quality 95, no chroma subsampling: 3.1 on this noisy photo (4:2:0: 5.7)
+            assert difference.mean() < 4.5, name
+        else:
+            assert difference.max() == 0, name
+        params = read_png_params(tmp_path / written)
+        assert params["prompt"] == "un cœur rouge" and params["seed"] == 3, name
+        capsys.readouterr()
+        assert main(["info", str(tmp_path / written)]) == 0 and json.loads(capsys.readouterr().out) == params
+
+
+def test_an_image_with_an_erased_hole_is_its_own_mask(tmp_path, models, capsys):
+    original = _photo(tmp_path / "p.png", (48, 40))
+    hole = _mask(tmp_path / "m.png", (48, 40), (10, 10, 30, 30))
+    rgba = np.dstack([original, np.where(hole, 0, 255).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "erased.png")
+    args = ["-p", "x", "--seed", "3", *models]
+    assert main(["inpaint", str(tmp_path / "erased.png"), *args, "--out", str(tmp_path / "a.png")]) == 0
+    assert "the transparent pixels of" in capsys.readouterr().out
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), *args, "--out",
+                 str(tmp_path / "b.png")]) == 0
+    # The same hole as the mask file's, and the same pixels under it.
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    params = read_png_params(tmp_path / "a.png")
+    assert params["mask_from"] == "transparency" and params["source_mask"] is None
+    # Opaque, or transparent everywhere once inverted: one line each, nothing written.
+    capsys.readouterr()
+    assert main(["inpaint", str(tmp_path / "p.png"), *args, "--out", str(tmp_path / "c.png")]) == 2
+    assert "erase the hole to transparent in IMAGE" in capsys.readouterr().err
+    Image.new("RGBA", (48, 40)).save(tmp_path / "clear.png")
+    assert main(["inpaint", str(tmp_path / "clear.png"), "--invert-mask", *args, "--out", str(tmp_path / "c.png")]) == 2
+    assert "transparent everywhere" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_same_seed_reproduces_and_existing_output_is_kept(tmp_path, models, capsys):
     _photo(tmp_path / "p.png", (48, 40))
     _mask(tmp_path / "m.png", (48, 40), (10, 10, 30, 30))
@@ -333,3 +380,14 @@ def test_interrupting_a_batch_leaves_only_complete_files(tmp_path, models, monke
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["0.png"]
     read_png_params(out / "0.png")
+
+
+def test_signed_numbers_after_a_space_are_values_and_nothing_else_is_joined():
+    from brushnet.options import join_signed_numbers
+
+    assert join_signed_numbers(["inpaint", "a.png", "--guidance", "-inf", "--scale", "-1.5e-2", "--seed", "-7"]) == \
+        ["inpaint", "a.png", "--guidance=-inf", "--scale=-1.5e-2", "--seed=-7"]
+    # Not a number, a short flag, an option already given its value, or after "--": left as typed.
+    for argv in (["--prompt", "-a red circle"], ["-p", "-inf"], ["--guidance=1", "-5"], ["--", "-5"],
+                 ["--steps", "-e5"]):
+        assert join_signed_numbers(argv) == argv

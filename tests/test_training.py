@@ -148,6 +148,8 @@ def test_option_names_and_errors(tmp_path):
     assert warmup_steps(cfg) == (0, None)
     assert warmup_steps(TrainConfig(lr_scheduler="cosine")) == (500, None)
     assert parse_train_args(["--resume", "latest"]).resume_from_checkpoint == "latest"
+    # A negative number after a space reaches the option (and its check), not argparse's "expected one argument".
+    assert parse_train_args(["--learning_rate", "-1e-4"]).learning_rate == -1e-4
     with pytest.raises(ValueError, match="does not exist"):
         train(TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(tmp_path / "nothing")))
 

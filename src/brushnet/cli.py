@@ -12,6 +12,7 @@ from .options import (
     UserError,
     add_model_options,
     check_generation_args,
+    join_signed_numbers,
     load_pipeline_from_args,
     model_params,
     resolve_device,
@@ -114,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also read a .bin that holds more than plain tensors (it can run code: only if trusted)")
     convert.set_defaults(func=cmd_convert)
 
-    info = commands.add_parser("info", help="print the generation parameters stored in an output PNG")
-    info.add_argument("png", metavar="OUTPUT.png")
+    info = commands.add_parser("info", help="print the generation parameters stored in an output image")
+    info.add_argument("png", metavar="OUTPUT.png", help="an image brushnet wrote (.png, .jpg or .webp)")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -189,9 +190,9 @@ def _add_generation_options(parser) -> None:
 
 def _add_output_options(parser, batch: bool) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", "-o", help="output PNG, or an existing folder to write it in (the folder of "
-                                          "results when IMAGE is a folder)" if batch
-                       else "output PNG, or an existing folder to write it in")
+    written = "output image (.png, the default; .jpg or .webp written as such), or an existing folder to write it in"
+    group.add_argument("--out", "-o", help=f"{written} (the folder of results when IMAGE is a folder)" if batch
+                       else written)
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
 
 
@@ -253,6 +254,13 @@ def _read_job(job, args):
 
     if "canvas" in job:
         return job["canvas"]
+    if job.get("transparent_hole"):
+        from .masks import transparent_hole
+
+        mask = load_mask(transparent_hole(job["image"]), invert=args.invert_mask, dilate=args.dilate)
+        if mask.getbbox() is None:
+            raise UserError(f"--invert-mask leaves nothing to inpaint: {job['image']} is transparent everywhere")
+        return open_image(job["image"]), mask
     if job["mask"] is None:
         from .mask_command import read_selection_job
 
@@ -374,11 +382,21 @@ def cmd_info(args) -> int:
 
 # -- helpers ------------------------------------------------------------------------------------
 
+def _has_transparent_hole(image: Path) -> bool:
+    from .masks import transparent_hole
+
+    return transparent_hole(image) is not None
+
+
 def _inpaint_jobs(args) -> list[dict]:
-    from .mask_command import check_selection_args
+    from .mask_command import check_selection_args, has_selection
 
     image, mask = Path(args.image), Path(args.mask) if args.mask else None
-    check_selection_args(args, mask_given=mask is not None)
+    # An image with an erased (transparent) hole and nothing else selecting one is its own mask.
+    transparent = mask is None and not has_selection(args) and image.is_file() and _has_transparent_hole(image)
+    check_selection_args(args, mask_given=mask is not None or transparent)
+    if transparent:
+        print(f"the hole: the transparent pixels of {image} (no MASK given)")
     if not image.exists():
         raise UserError(f"{image} does not exist")
     if mask is None and image.is_dir():
@@ -393,8 +411,9 @@ def _inpaint_jobs(args) -> list[dict]:
             out = out / f"{image.stem}-inpainted.png"
         task = TASK_CHOICES[args.task or "text-guided"]
         prompt = (args.prompt or "") if task in PROMPT_FREE_TASKS else _require_prompt(args.prompt)
-        return [{"image": image, "mask": mask, "prompt": prompt,
-                 "outputs": _output_paths(out, args.num_images), "batch": False, "extra_params": {}}]
+        return [{"image": image, "mask": mask, "prompt": prompt, "transparent_hole": transparent,
+                 "outputs": _output_paths(out, args.num_images), "batch": False,
+                 "extra_params": {"mask_from": "transparency"} if transparent else {}}]
 
     images = _images_in(image)
     masks = {p.stem: p for p in _images_in(mask)}
@@ -454,7 +473,7 @@ def _read_prompts(args, image_dir: Path) -> dict[str, str]:
 
 
 def _require_prompt(prompt: str | None) -> str:
-    if not prompt:
+    if not prompt or not prompt.strip():
         raise UserError("--prompt is required: describe what to paint in the hole")
     return prompt
 
@@ -462,7 +481,9 @@ def _require_prompt(prompt: str | None) -> str:
 def _output_paths(out: Path, num_images: int) -> list[Path]:
     if num_images < 1:
         raise UserError(f"--num-images must be >= 1; got {num_images}")
-    if out.suffix.lower() != ".png":
+    from .metadata import OUTPUT_FORMATS
+
+    if out.suffix.lower() not in OUTPUT_FORMATS:  # no suffix, or one no output format has: PNG
         out = out.with_suffix(".png") if out.suffix else out.with_name(out.name + ".png")
     if num_images == 1:
         return [out]
@@ -555,7 +576,8 @@ def main(argv=None) -> int:
     # transformers warns at import that torchvision is absent; the CLI needs no torchvision.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(join_signed_numbers(argv))
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         if os.environ.get("BRUSHNET_DEBUG"):

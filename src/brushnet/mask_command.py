@@ -72,7 +72,8 @@ def check_selection_args(args, mask_given: bool = False) -> None:
         raise UserError("give either MASK or --point/--box/--text, not both")
     if not has_selection(args):
         if not mask_given:
-            raise UserError("nothing selects the region to fill: give MASK, or --point/--box/--text with --segmenter")
+            raise UserError("nothing selects the region to fill: give MASK, or --point/--box/--text with --segmenter "
+                            "(or erase the hole to transparent in IMAGE)")
         unused = [flag for flag, value in (("--segmenter", args.segmenter), ("--detector", args.detector),
                                            ("--threshold", args.threshold)) if value is not None]
         if unused:

@@ -222,6 +222,17 @@ def open_image(path) -> PIL.Image.Image:
     return PIL.ImageOps.exif_transpose(image).convert("RGB")
 
 
+def transparent_hole(path) -> PIL.Image.Image | None:
+    """The hole an image carries itself: its transparent pixels (alpha below 128), as a mask image
+    ("L", 255 = fill), when it has any; else None. What an editor's eraser leaves, and what ComfyUI
+    reads as the mask of a loaded image."""
+    image = PIL.ImageOps.exif_transpose(_open_image(path, "image"))
+    if not (image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)):
+        return None
+    hole = np.asarray(image.convert("RGBA").getchannel("A")) < 128
+    return PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L") if hole.any() else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Training masks: run-length encoded segmentation masks and random free-form brush strokes.
 # ---------------------------------------------------------------------------------------------

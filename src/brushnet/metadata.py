@@ -1,4 +1,8 @@
-"""Generation parameters stored in output PNGs, and fingerprints of the models that made them."""
+"""Generation parameters stored in output images, and fingerprints of the models that made them.
+
+An output is PNG unless its name asks for JPEG or WebP (`OUTPUT_FORMATS`): PNG keeps every pixel
+and the parameters in a text chunk; JPEG (quality 95, no chroma subsampling) and lossless WebP keep them as the EXIF
+image description (JSON, ASCII-escaped as that tag requires). `read_png_params` reads either."""
 
 import hashlib
 import json
@@ -15,24 +19,48 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _HASH_CACHE = Path(os.environ.get("BRUSHNET_CACHE", Path.home() / ".cache" / "brushnet")) / "hashes.json"
 
 
+# The output formats by file suffix; any other name is written as PNG.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+
+
 def save_png(image: PIL.Image.Image, path: str | os.PathLike, params: dict, overwrite: bool = False) -> Path:
-    """Write `image` with `params` as PNG text, atomically: no half-written file, and an existing
-    file is replaced only with `overwrite`."""
+    """Write `image` with `params` atomically (no half-written file; an existing file is replaced
+    only with `overwrite`), as PNG or, when `path` ends in .jpg/.jpeg/.webp, as that format."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
-    info = PIL.PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    text = json.dumps(params, sort_keys=True)
+    image_format = OUTPUT_FORMATS.get(path.suffix.lower(), "PNG")
+    if image_format == "PNG":
+        info = PIL.PngImagePlugin.PngInfo()
+        info.add_text(PNG_KEY, text)
+        options = {"pnginfo": info}
+    else:
+        exif = PIL.Image.Exif()
+        exif[_EXIF_IMAGE_DESCRIPTION] = f"{PNG_KEY}:{text}"
+        options = {"exif": exif, **({"quality": 95, "subsampling": 0} if image_format == "JPEG" else {"lossless": True})}
+        image = image.convert("RGB") if image_format == "JPEG" else image
     with atomic_write(path) as f:
-        image.save(f, format="PNG", pnginfo=info)
+        image.save(f, format=image_format, **options)
     return path
+
+
+def _stored_params(image: PIL.Image.Image) -> str | None:
+    """The parameters' JSON in an image `save_png` wrote (PNG text or EXIF description), else None."""
+    text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
+    if text is None:
+        description = image.getexif().get(_EXIF_IMAGE_DESCRIPTION)
+        if isinstance(description, str) and description.startswith(f"{PNG_KEY}:"):
+            text = description[len(PNG_KEY) + 1:]
+    return text
 
 
 def read_png_params(path: str | os.PathLike) -> dict:
     """The parameters `save_png` stored in a PNG, with a clear error if it has none."""
     try:
         with PIL.Image.open(path) as image:
-            text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
+            text = _stored_params(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist.") from None
     except PIL.UnidentifiedImageError:

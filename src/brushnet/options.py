@@ -25,6 +25,25 @@ class UserError(ValueError):
     """A mistake in the command line, reported as one line without a traceback."""
 
 
+# A number with a leading minus that argparse takes for an option name: it only knows "-5" and
+# "-.5", so "--guidance -inf" or "--strength -1e-3" would fail as "expected one argument" instead of
+# reaching the check that names the accepted range.
+_SIGNED_NUMBER = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)", re.IGNORECASE)
+
+
+def join_signed_numbers(argv: list[str]) -> list[str]:
+    """`argv` with every "--flag -number" written "--flag=-number", which argparse reads as a value."""
+    joined = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if (_SIGNED_NUMBER.fullmatch(token) and previous.startswith("--") and "=" not in previous
+                and previous != "--"):
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def add_model_options(parser, demo_default: bool = True) -> None:
     """--base/--brushnet and how to load them. `demo_default`: without either, the demo model is used."""
     group = parser.add_argument_group("model")
@@ -84,6 +103,8 @@ def check_generation_args(args) -> None:
     user_checked(check_settings, InpaintSettings(prompt=getattr(args, "prompt", None) or "", **values), flags)
     if getattr(args, "fitting_degree", None) is not None:
         user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
+    if getattr(args, "scheduler", None) is not None:
+        check_scheduler(args.scheduler)
 
 
 # -- device, precision and models -----------------------------------------------------------------

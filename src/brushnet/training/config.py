@@ -3,6 +3,7 @@ run unchanged (`--learning_rate` and `--learning-rate` both work); new options h
 
 import argparse
 import math
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -203,5 +204,7 @@ def warmup_steps(config: TrainConfig) -> tuple[int, str | None]:
 
 
 def parse_train_args(argv=None) -> TrainConfig:
-    args = build_train_parser().parse_args(argv)
+    from ..options import join_signed_numbers
+
+    args = build_train_parser().parse_args(join_signed_numbers(sys.argv[1:] if argv is None else list(argv)))
     return TrainConfig(**vars(args))
