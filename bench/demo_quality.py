@@ -29,6 +29,7 @@ for background strokes, the fraction of hole pixels whose nearest palette colour
 background's there, and the fraction of scenes where that is at least 90 %.
 
     OMP_NUM_THREADS=1 python bench/demo_quality.py [--scenes 200] [--steps 25] [--kinds exact grown ...]
+        [--colour-jitter 45]
         [--methods brushnet+blend blended-latent masked-image] [--model DIR] [--brushnet DIR] [--json FILE]
     python bench/demo_quality.py --merge first.json second.json   # runs over disjoint scenes, one table
 """
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from brushnet.demo.model import DEMO_MODEL_DIR
 from brushnet.demo.scenes import (
     HELDOUT_SEEDS,
+    SHAPES,
     SIZE,
     background_caption,
     colour_fraction,
@@ -193,6 +195,25 @@ def report(rows: dict) -> dict:
     return summary
 
 
+def breakdown(rows: dict, method: str = "brushnet+blend") -> None:
+    """Scenes at target per target shape and per background (flat or patterned) for `method`:
+    where the totals lose their scenes."""
+    scored = {kind: methods[method] for kind, methods in rows.items() if method in methods}
+    if not scored or not all("shape" in r for rs in scored.values() for r in rs):
+        return  # runs written before these fields were recorded
+    groups = [("shape", s) for s in SHAPES] + [("background", "flat"), ("background", "patterned")]
+    print(f"\n{method}, scenes at target by the target's shape and by background:\n")
+    print("| mask kind | " + " | ".join(name for _, name in groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for kind, rs in scored.items():
+        cells = []
+        for field, name in groups:
+            picked = [r["success"] for r in rs
+                      if (r[field] == name if name != "patterned" else r[field] != "flat")]
+            cells.append(f"{100 * np.mean(picked):.0f} % ({len(picked)})" if picked else "-")
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
 def merge(paths: list[str]) -> None:
     """One table from the --json files of runs over different scenes (e.g. one per core)."""
     rows = {}
@@ -207,6 +228,7 @@ def merge(paths: list[str]) -> None:
             if len(set(scenes)) != len(scenes):
                 raise SystemExit(f"error: the files score some scenes twice ({method}); merge runs over disjoint scenes.")
     report(rows)
+    breakdown(rows)
 
 
 def main():
@@ -221,6 +243,9 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--prompt", default="shape", choices=["shape", "scene"])
+    parser.add_argument("--colour-jitter", type=int, default=0, metavar="N",
+                        help="draw the held-out scenes in shades up to N per channel off the palette "
+                             "(brushnet.demo.scenes.jittered_palette): colours as PIL or a photo has them")
     parser.add_argument("--json", help="also write the means and every scene's scores here")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="print one table from the --json files of earlier runs (over disjoint scenes) and exit")
@@ -239,7 +264,7 @@ def main():
     skipped = {kind: 0 for kind in args.kinds}
     numbers = range(args.first, args.first + args.scenes)
     for number in numbers:
-        scene = make_scene(HELDOUT_SEEDS[number])
+        scene = make_scene(HELDOUT_SEEDS[number], colour_jitter=args.colour_jitter)
         for kind in args.kinds:
             hole = make_hole(scene, kind, HELDOUT_SEEDS[number])
             if hole is None:
@@ -262,11 +287,14 @@ def main():
                     masked[hole] = 0
                     result = PIL.Image.fromarray(masked, "RGB")
                 seconds[method] += time.perf_counter() - start
-                rows[kind][method].append({"scene": number, **score(result, scene, hole, kind)})
+                rows[kind][method].append({"scene": number, "shape": scene.shapes[-1].kind,
+                                           "background": scene.background.kind, **score(result, scene, hole, kind)})
 
+    jitter = f", shades jittered by up to {args.colour_jitter}" if args.colour_jitter else ""
     print(f"held-out scenes {args.first}-{args.first + args.scenes - 1}, {args.steps} steps, guidance {args.guidance}, "
-          f"prompt form {args.prompt!r}\n")
+          f"prompt form {args.prompt!r}{jitter}\n")
     summary = report(rows)
+    breakdown(rows)
     images = sum(len(rows[k][m]) for k in args.kinds for m in args.methods) / max(len(args.methods), 1)
     print("\ns/image: " + ", ".join(f"{m} {seconds[m] / max(images, 1):.2f}" for m in args.methods))
     if any(skipped.values()):

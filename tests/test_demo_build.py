@@ -20,7 +20,7 @@ def test_build_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "build"
     command = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--scenes", "48", "--batch", "4",
                "--vae-batch", "4", "--vae-steps", "2", "--base-steps", "2", "--base-schedule", "linear",
-               "--decoder-steps", "2", "--brushnet-steps", "4"]
+               "--decoder-steps", "2", "--decoder-latent-noise", "0.5", "--brushnet-steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -72,11 +72,19 @@ def test_fine_tuning_the_shipped_brushnet_with_the_drawn_mix(tmp_path):
     out = tmp_path / "ft"
     command = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--stage", "brushnet", "--brushnet-from",
                "shipped", "--mask-mix", "drawn", "--scene-layout", "varied", "--scenes", "16", "--batch", "4",
-               "--brushnet-steps", "2", "--brushnet-schedule", "linear", "--masked-loss-weight", "2"]
+               "--brushnet-steps", "2", "--brushnet-schedule", "linear", "--masked-loss-weight", "2",
+               "--colour-jitter", "45"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "shipped" / "brushnet").is_dir() and len(list((out / "data").glob("*.png"))) == 16
+    # --colour-jitter reached the scenes: drawn in jittered shades, not the palette's.
+    from brushnet.demo.scenes import TRAIN_SEEDS, scene_stem
+
+    seed = int(TRAIN_SEEDS[0])
+    written = np.asarray(Image.open(out / "data" / f"{scene_stem(seed)}.png"))
+    assert np.array_equal(written, np.asarray(make_scene(seed, "varied", colour_jitter=45).image))
+    assert not np.array_equal(written, np.asarray(make_scene(seed, "varied").image))
     # --brushnet-schedule linear reached the trainer: no warm-up, the rate at 0 after the last step.
     import torch
 

@@ -255,3 +255,29 @@ def test_varied_layout_is_deterministic_and_written(tmp_path, varied):
     assert (folder / f"{scenes.scene_stem(7)}.txt").read_text().strip() == again.caption
     with pytest.raises(ValueError, match="layout"):
         scenes.make_scene(0, "messy")
+
+
+def test_colour_jitter_moves_the_shades_and_keeps_the_scene(tmp_path, varied):
+    palette = np.array(list(scenes.PALETTE.values()))
+    moved = 0
+    for seed, plain in enumerate(varied[:60]):
+        shades = scenes.jittered_palette(seed, 45)
+        assert np.abs(shades - palette).max() <= 45
+        # Every shade still reads as its own colour, so the captions stay true.
+        assert np.array_equal(scenes.nearest_palette_colour(shades), np.arange(len(palette)))
+        jittered = scenes.make_scene(seed, "varied", colour_jitter=45)
+        for shape in jittered.shapes:
+            assert (np.asarray(jittered.image)[shape.mask] == shades[scenes.COLOURS.index(shape.colour)]).all()
+        # The plain scene's layout and captions; a jittered gradient's in-between shades may rule out
+        # other shape colours, and the draws part from there.
+        if jittered.background.kind != "gradient":
+            assert jittered.caption == plain.caption and len(jittered.shapes) == len(plain.shapes)
+            assert all(np.array_equal(a.mask, b.mask) for a, b in zip(jittered.shapes, plain.shapes))
+        moved += not np.array_equal(np.asarray(jittered.image), np.asarray(plain.image))
+    assert moved >= 55
+    # jitter 0 is the plain palette; the same seed draws the same shades.
+    assert np.array_equal(scenes.jittered_palette(3, 0), palette)
+    assert np.array_equal(scenes.jittered_palette(3, 45), scenes.jittered_palette(3, 45))
+    folder = scenes.write_folder(tmp_path / "jittered", [5], layout="varied", colour_jitter=45)
+    written = np.asarray(PIL.Image.open(folder / f"{scenes.scene_stem(5)}.png"))
+    assert np.array_equal(written, np.asarray(scenes.make_scene(5, "varied", 45).image))

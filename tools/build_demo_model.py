@@ -36,6 +36,10 @@ base's last sittings ran, BENCHMARKS.md), and
 `--base-captions partial` trains on image, shape, background and empty captions (measured worse,
 not shipped). `--decoder-steps N` (the `decoder` stage) trains the VAE's decoder on with its
 encoder frozen, so the latents, the base and the BrushNet stay valid; `assemble` ships it.
+`--decoder-latent-noise S` trains it on latents with noise up to S (in the latents' std) added,
+so a generated latent a little off the encoder's decodes to clean colours. `--colour-jitter N`
+draws the training scenes in shades up to N per channel off the palette (each still nearest its
+named colour), so that "green" is also PIL's (0, 128, 0).
 
 The shipped model is the first one fine-tuned on drawn holes in six stages, each resuming and
 each starting from the last one's checkpoint with `--brushnet-from`; the fifth also trains the base
@@ -215,6 +219,12 @@ def stage_decoder(out: Path, args, device):
         picked = torch.randint(0, len(moments), (args.vae_batch,), generator=generator)
         target = pixels[picked].to(device).float() / 127.5 - 1
         latents = DiagonalGaussianDistribution(moments[picked.to(device)]).sample()
+        if args.decoder_latent_noise:
+            # Noise of a random level (up to the flag's, in units of the latents' std) teaches the
+            # decoder to map a generated latent that is off the encoder's manifold to clean colours.
+            level = torch.rand(len(picked), 1, 1, 1, generator=generator) * args.decoder_latent_noise
+            noise = torch.randn(latents.shape, generator=generator) * level / vae.config.scaling_factor
+            latents = latents + noise.to(device)
         reconstruction = vae.decode(latents).sample
         return F.l1_loss(reconstruction, target) + F.mse_loss(reconstruction, target)
 
@@ -319,7 +329,8 @@ def copy_once(source: Path, target: Path) -> None:
 def write_data(out: Path, args) -> None:
     """The training scenes in OUT/data, written once."""
     if not (out / "data").exists():
-        write_folder(out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout)
+        write_folder(out / "data", TRAIN_SEEDS[: args.scenes], layout=args.scene_layout,
+                     colour_jitter=args.colour_jitter)
 
 
 def base_folder(out: Path) -> Path:
@@ -408,6 +419,9 @@ def main():
                         help="decoder: train the VAE's decoder on this many steps, its encoder frozen (0: skip)")
     parser.add_argument("--decoder-lr", type=float, default=3e-4,
                         help="decoder: the learning rate, down to 0 over the run")
+    parser.add_argument("--decoder-latent-noise", type=float, default=0.0,
+                        help="train the decoder on latents with Gaussian noise up to this std (in the latents' "
+                             "std) added, so generated latents decode to clean colours (default 0: none)")
     parser.add_argument("--base-from", default="scratch",
                         help="base: train the text encoder and UNet from scratch, or go on from the shipped "
                              "base (shipped) or a base folder (a path); the VAE kept")
@@ -432,6 +446,9 @@ def main():
                              "the BrushNet's own, nearest for a new one)")
     parser.add_argument("--scene-layout", default="standard", choices=["standard", "varied"],
                         help="data: the training scenes' layout (brushnet.demo.scenes.LAYOUTS)")
+    parser.add_argument("--colour-jitter", type=int, default=0, metavar="N",
+                        help="data: draw each training scene in shades up to N per channel off the palette, each "
+                             "still nearest its named colour (brushnet.demo.scenes.jittered_palette; default 0)")
     parser.add_argument("--install", action="store_true",
                         help="assemble: also copy the model into the package (src/brushnet/demo/model)")
     args = parser.parse_args()

@@ -180,16 +180,16 @@ def caption_words(caption: str) -> list[str]:
 # ---------------------------------------------------------------------------------- drawing
 
 
-def _draw_background(rng: np.random.Generator) -> tuple[np.ndarray, Background, np.ndarray]:
-    """(SIZE, SIZE, 3) uint8 pixels, their description, and the (N, 3) colours they use."""
+def _draw_background(rng: np.random.Generator, palette: np.ndarray) -> tuple[np.ndarray, Background, np.ndarray]:
+    """(SIZE, SIZE, 3) uint8 pixels in `palette`'s shades, their description, and the (N, 3) colours they use."""
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     first = int(rng.integers(len(COLOURS)))
     if kind == "flat":
-        pixels = np.broadcast_to(_PALETTE_RGB[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
-        return pixels, Background(kind, (COLOURS[first],)), _PALETTE_RGB[[first]]
+        pixels = np.broadcast_to(palette[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
+        return pixels, Background(kind, (COLOURS[first],)), palette[[first]]
     second = int(rng.choice([i for i in range(len(COLOURS)) if i != first]))
     colours = (COLOURS[first], COLOURS[second])
-    rgb = _PALETTE_RGB[[first, second]]
+    rgb = palette[[first, second]]
     position = np.arange(SIZE)
     if kind == "checker":
         period = int(rng.integers(4, 9))
@@ -243,6 +243,7 @@ LAYOUTS = ("standard", "varied")
 SCENE_CASES = ("standard", "one-on-plain", "two", "overlap", "border")
 _CASE_WEIGHTS = (0.25, 0.25, 0.15, 0.15, 0.2)
 _VARIED_SALT = 0x5CE7E  # keeps a varied scene's draws apart from the standard scene of the same seed
+_JITTER_SALT = 0xC0103  # the shades' own stream: a jittered scene keeps the layout of the plain one
 MIN_OVERLAP = 0.15  # an "overlap" scene's second shape covers at least this much of the first
 
 
@@ -273,11 +274,31 @@ def _place(rng, kind: str, areas, visible, *, border: bool, near: tuple[int, int
     return None
 
 
-def make_scene(seed: int, layout: str = "standard") -> Scene:
+def jittered_palette(seed: int, jitter: int) -> np.ndarray:
+    """The (8, 3) palette with each colour moved by up to `jitter` per channel, drawn from `seed`
+    (its own stream), each shade still nearest its own colour so that captions stay true: "green"
+    is then also PIL's darker (0, 128, 0) or a photo's. jitter 0: the palette itself."""
+    if jitter == 0:
+        return _PALETTE_RGB
+    rng = np.random.default_rng([seed, _JITTER_SALT])
+    shades = _PALETTE_RGB.copy()
+    for index in range(len(COLOURS)):
+        for _ in range(10):  # rejection: a shade that crossed into another colour's cell is drawn again
+            shade = np.clip(_PALETTE_RGB[index] + rng.integers(-jitter, jitter + 1, size=3), 0, 255)
+            if nearest_palette_colour(shade[None])[0] == index:
+                shades[index] = shade
+                break
+    return shades
+
+
+def make_scene(seed: int, layout: str = "standard", colour_jitter: int = 0) -> Scene:
     """The scene of `seed` in `layout` (LAYOUTS): identical on every call and machine (its own
-    numpy Generator only). The standard layout is the one the held-out seeds are scored on."""
+    numpy Generator only). The standard layout is the one the held-out seeds are scored on.
+    `colour_jitter` draws the scene in `jittered_palette` shades: the plain scene's layout and
+    captions, except where a jittered gradient's in-between shades rule out other shape colours."""
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown layout {layout!r}; expected one of {LAYOUTS}.")
+    palette = jittered_palette(seed, colour_jitter)
     if layout == "standard":
         rng, case = np.random.default_rng(seed), "standard"
     else:
@@ -285,10 +306,10 @@ def make_scene(seed: int, layout: str = "standard") -> Scene:
         case = SCENE_CASES[int(rng.choice(len(SCENE_CASES), p=_CASE_WEIGHTS))]
     if case == "one-on-plain":
         first = int(rng.integers(len(COLOURS)))
-        pixels = np.broadcast_to(_PALETTE_RGB[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
-        background, shades = Background("flat", (COLOURS[first],)), _PALETTE_RGB[[first]]
+        pixels = np.broadcast_to(palette[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
+        background, shades = Background("flat", (COLOURS[first],)), palette[[first]]
     else:
-        pixels, background, shades = _draw_background(rng)
+        pixels, background, shades = _draw_background(rng, palette)
     # A shape colour must not occur in the background, including a gradient's in-between colours
     # (a red-to-yellow gradient is orange in the middle), so that every shape stands out.
     hidden = set(nearest_palette_colour(shades).tolist())
@@ -314,16 +335,16 @@ def make_scene(seed: int, layout: str = "standard") -> Scene:
         areas.append(int(mask.sum()))
         visible.append(mask.copy())
         origins.append(origin)
-        pixels[mask] = _PALETTE_RGB[colour]
+        pixels[mask] = palette[colour]
         shapes.append(SceneShape(kind, COLOURS[colour], visible[-1], _bounding_box(mask)))
     caption = scene_caption([(shape.kind, shape.colour) for shape in shapes], background)
     return Scene(PIL.Image.fromarray(pixels, "RGB"), caption, shapes, background, seed, case)
 
 
-def iter_scenes(seeds: Iterable[int], layout: str = "standard") -> Iterator[Scene]:
+def iter_scenes(seeds: Iterable[int], layout: str = "standard", colour_jitter: int = 0) -> Iterator[Scene]:
     """The scenes of `seeds`, in order, made lazily."""
     for seed in seeds:
-        yield make_scene(int(seed), layout)
+        yield make_scene(int(seed), layout, colour_jitter)
 
 
 # ---------------------------------------------------------------------------------- tasks and files
@@ -365,7 +386,7 @@ def scene_stem(seed: int) -> str:
 
 
 def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmentation",
-                 layout: str = "standard") -> Path:
+                 layout: str = "standard", colour_jitter: int = 0) -> Path:
     """Write the scenes of `seeds` as a training folder for `brushnet.data.ImageFolderDataset`.
 
     Per scene: `{stem}.png`, `{stem}.txt` (the caption) and, with masks="segmentation",
@@ -373,7 +394,7 @@ def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmenta
     "background_caption"}, one column-major RLE (`rle_encode(mask, order="F")`) of each shape's
     visible pixels, in drawing order, with the phrase naming that shape ("a red circle") and the
     background's caption ("a yellow background"); masks=None
-    writes no masks; `layout` is `make_scene`'s. The folder is built next to `out_dir` and renamed
+    writes no masks; `layout` and `colour_jitter` are `make_scene`'s. The folder is built next to `out_dir` and renamed
     into place at the end, so a crash leaves no half-written folder; an existing non-empty
     `out_dir` is refused.
     """
@@ -386,7 +407,7 @@ def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmenta
     # Same parent, so the final rename stays on one file system (atomic on POSIX).
     temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        for scene in iter_scenes(seeds, layout):
+        for scene in iter_scenes(seeds, layout, colour_jitter):
             stem = scene_stem(scene.seed)
             scene.image.save(temporary / f"{stem}.png")
             (temporary / f"{stem}.txt").write_text(scene.caption + "\n", encoding="utf-8")
