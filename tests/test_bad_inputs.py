@@ -321,8 +321,11 @@ def test_bench_help_does_not_promise_the_demo_model(capsys):
 def test_ctrl_c_during_start_up_is_one_line(photo):
     image, mask = photo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # In the image's folder: a run the signal missed (a shell that ignores SIGINT in background jobs)
+    # writes its result there, not into the folder the tests run from.
     process = subprocess.Popen([sys.executable, "-m", "brushnet", "inpaint", str(image), str(mask), "-p", "x"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=image.parent)
     time.sleep(1.5)  # importing torch and diffusers
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)

@@ -389,5 +389,5 @@ def test_signed_numbers_after_a_space_are_values_and_nothing_else_is_joined():
         ["inpaint", "a.png", "--guidance=-inf", "--scale=-1.5e-2", "--seed=-7"]
     # Not a number, a short flag, an option already given its value, or after "--": left as typed.
     for argv in (["--prompt", "-a red circle"], ["-p", "-inf"], ["--guidance=1", "-5"], ["--", "-5"],
-                 ["--steps", "-e5"]):
+                 ["--steps", "-e5"], ["--", "--x", "-5"]):
         assert join_signed_numbers(argv) == argv

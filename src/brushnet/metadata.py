@@ -1,8 +1,9 @@
 """Generation parameters stored in output images, and fingerprints of the models that made them.
 
 An output is PNG unless its name asks for JPEG or WebP (`OUTPUT_FORMATS`): PNG keeps every pixel
-and the parameters in a text chunk; JPEG (quality 95, no chroma subsampling) and lossless WebP keep them as the EXIF
-image description (JSON, ASCII-escaped as that tag requires). `read_png_params` reads either."""
+and the parameters in a text chunk; JPEG (quality 95, no chroma subsampling) and lossless WebP keep
+them as the EXIF image description (JSON, ASCII-escaped as that tag requires). `read_png_params`
+reads either."""
 
 import hashlib
 import json
@@ -39,7 +40,8 @@ def save_png(image: PIL.Image.Image, path: str | os.PathLike, params: dict, over
     else:
         exif = PIL.Image.Exif()
         exif[_EXIF_IMAGE_DESCRIPTION] = f"{PNG_KEY}:{text}"
-        options = {"exif": exif, **({"quality": 95, "subsampling": 0} if image_format == "JPEG" else {"lossless": True})}
+        encoding = {"quality": 95, "subsampling": 0} if image_format == "JPEG" else {"lossless": True}
+        options = {"exif": exif, **encoding}
         image = image.convert("RGB") if image_format == "JPEG" else image
     with atomic_write(path) as f:
         image.save(f, format=image_format, **options)

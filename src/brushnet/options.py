@@ -32,12 +32,14 @@ _SIGNED_NUMBER = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)",
 
 
 def join_signed_numbers(argv: list[str]) -> list[str]:
-    """`argv` with every "--flag -number" written "--flag=-number", which argparse reads as a value."""
+    """`argv` with every "--flag -number" written "--flag=-number", which argparse reads as a value
+    (up to a "--", after which every word is a positional argument as typed)."""
     joined = []
-    for token in argv:
+    for number, token in enumerate(argv):
+        if token == "--":
+            return joined + list(argv[number:])
         previous = joined[-1] if joined else ""
-        if (_SIGNED_NUMBER.fullmatch(token) and previous.startswith("--") and "=" not in previous
-                and previous != "--"):
+        if _SIGNED_NUMBER.fullmatch(token) and previous.startswith("--") and "=" not in previous:
             joined[-1] = f"{previous}={token}"
         else:
             joined.append(token)
