@@ -41,13 +41,14 @@ so a generated latent a little off the encoder's decodes to clean colours. `--co
 draws the training scenes in shades up to N per channel off the palette (each still nearest its
 named colour), so that "green" is also PIL's (0, 128, 0).
 
-The shipped model is the first one fine-tuned on drawn holes in six stages, each resuming and
+The shipped model is the first one fine-tuned on drawn holes in seven stages, each resuming and
 each starting from the last one's checkpoint with `--brushnet-from`; the fifth also trains the base
 on (2500 steps, `--base-schedule linear`) and the decoder (`--decoder-steps 3000`) and fine-tunes
 the BrushNet against that base; the sixth fine-tunes that BrushNet on (`--brushnet-schedule
 linear`: the learning rate down to 0 over the run; `--masked-loss-weight` weighs the hole's latent
-pixels more in the loss, measured no better). BENCHMARKS.md ("Holes people draw") has every stage's
-command and what it measured. The first stage:
+pixels more in the loss, measured no better); the seventh fine-tunes it on scenes in jittered shades
+(`--colour-jitter 45`) and the decoder on noisy latents (`--decoder-latent-noise`). BENCHMARKS.md
+("Holes people draw") has every stage's command and what it measured. The first stage:
 
     OMP_NUM_THREADS=1 python tools/build_demo_model.py FT --stage brushnet --brushnet-from shipped \
         --mask-mix drawn --scene-layout varied --brushnet-steps 2200 --brushnet-lr 1e-4

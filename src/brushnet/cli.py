@@ -254,10 +254,8 @@ def _read_job(job, args):
 
     if "canvas" in job:
         return job["canvas"]
-    if job.get("transparent_hole"):
-        from .masks import transparent_hole
-
-        mask = load_mask(transparent_hole(job["image"]), invert=args.invert_mask, dilate=args.dilate)
+    if job.get("transparent_hole") is not None:
+        mask = load_mask(job["transparent_hole"], invert=args.invert_mask, dilate=args.dilate)
         if mask.getbbox() is None:
             raise UserError(f"--invert-mask leaves nothing to inpaint: {job['image']} is transparent everywhere")
         return open_image(job["image"]), mask
@@ -382,20 +380,16 @@ def cmd_info(args) -> int:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def _has_transparent_hole(image: Path) -> bool:
-    from .masks import transparent_hole
-
-    return transparent_hole(image) is not None
-
-
 def _inpaint_jobs(args) -> list[dict]:
     from .mask_command import check_selection_args, has_selection
+    from .masks import transparent_hole
 
     image, mask = Path(args.image), Path(args.mask) if args.mask else None
     # An image with an erased (transparent) hole and nothing else selecting one is its own mask.
-    transparent = mask is None and not has_selection(args) and image.is_file() and _has_transparent_hole(image)
-    check_selection_args(args, mask_given=mask is not None or transparent)
-    if transparent:
+    transparent = (transparent_hole(image) if mask is None and not has_selection(args) and image.is_file()
+                   else None)
+    check_selection_args(args, mask_given=mask is not None or transparent is not None)
+    if transparent is not None:
         print(f"the hole: the transparent pixels of {image} (no MASK given)")
     if not image.exists():
         raise UserError(f"{image} does not exist")
@@ -413,7 +407,7 @@ def _inpaint_jobs(args) -> list[dict]:
         prompt = (args.prompt or "") if task in PROMPT_FREE_TASKS else _require_prompt(args.prompt)
         return [{"image": image, "mask": mask, "prompt": prompt, "transparent_hole": transparent,
                  "outputs": _output_paths(out, args.num_images), "batch": False,
-                 "extra_params": {"mask_from": "transparency"} if transparent else {}}]
+                 "extra_params": {"mask_from": "transparency"} if transparent is not None else {}}]
 
     images = _images_in(image)
     masks = {p.stem: p for p in _images_in(mask)}

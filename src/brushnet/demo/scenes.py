@@ -180,13 +180,18 @@ def caption_words(caption: str) -> list[str]:
 # ---------------------------------------------------------------------------------- drawing
 
 
+def _flat_background(palette: np.ndarray, colour: int) -> tuple[np.ndarray, Background, np.ndarray]:
+    """`_draw_background`'s triple for a plain background of `palette[colour]`."""
+    pixels = np.broadcast_to(palette[colour].astype(np.uint8), (SIZE, SIZE, 3)).copy()
+    return pixels, Background("flat", (COLOURS[colour],)), palette[[colour]]
+
+
 def _draw_background(rng: np.random.Generator, palette: np.ndarray) -> tuple[np.ndarray, Background, np.ndarray]:
     """(SIZE, SIZE, 3) uint8 pixels in `palette`'s shades, their description, and the (N, 3) colours they use."""
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     first = int(rng.integers(len(COLOURS)))
     if kind == "flat":
-        pixels = np.broadcast_to(palette[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
-        return pixels, Background(kind, (COLOURS[first],)), palette[[first]]
+        return _flat_background(palette, first)
     second = int(rng.choice([i for i in range(len(COLOURS)) if i != first]))
     colours = (COLOURS[first], COLOURS[second])
     rgb = palette[[first, second]]
@@ -305,9 +310,7 @@ def make_scene(seed: int, layout: str = "standard", colour_jitter: int = 0) -> S
         rng = np.random.default_rng([seed, _VARIED_SALT])
         case = SCENE_CASES[int(rng.choice(len(SCENE_CASES), p=_CASE_WEIGHTS))]
     if case == "one-on-plain":
-        first = int(rng.integers(len(COLOURS)))
-        pixels = np.broadcast_to(palette[first].astype(np.uint8), (SIZE, SIZE, 3)).copy()
-        background, shades = Background("flat", (COLOURS[first],)), palette[[first]]
+        pixels, background, shades = _flat_background(palette, int(rng.integers(len(COLOURS))))
     else:
         pixels, background, shades = _draw_background(rng, palette)
     # A shape colour must not occur in the background, including a gradient's in-between colours
@@ -394,8 +397,8 @@ def write_folder(out_dir, seeds: Iterable[int], *, masks: str | None = "segmenta
     "background_caption"}, one column-major RLE (`rle_encode(mask, order="F")`) of each shape's
     visible pixels, in drawing order, with the phrase naming that shape ("a red circle") and the
     background's caption ("a yellow background"); masks=None
-    writes no masks; `layout` and `colour_jitter` are `make_scene`'s. The folder is built next to `out_dir` and renamed
-    into place at the end, so a crash leaves no half-written folder; an existing non-empty
+    writes no masks; `layout` and `colour_jitter` are `make_scene`'s. The folder is built next to
+    `out_dir` and renamed into place at the end, so a crash leaves no half-written folder; an existing non-empty
     `out_dir` is refused.
     """
     if masks not in ("segmentation", None):

@@ -20,7 +20,6 @@ import argparse
 from ..options import (
     add_model_options,
     check_generation_args,
-    check_scheduler,
     load_pipeline_from_args,
     model_params,
     resolve_device,
@@ -99,8 +98,7 @@ def cmd_bench(args) -> int:
         raise ValueError(NO_MODEL)
     if not generating and (args.base or args.brushnet):
         raise ValueError("--images scores existing results: drop --base and --brushnet (or drop --images to generate).")
-    check_scheduler(args.scheduler)
-    check_generation_args(args)
+    check_generation_args(args)  # the numbers and --scheduler
 
     process = process_info()
     device = resolve_device(args.device, process.device if process.world_size > 1 else None)
