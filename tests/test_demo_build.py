@@ -16,6 +16,17 @@ from brushnet.demo.scenes import HELDOUT_SEEDS, make_scene, removal_example
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "build_demo_model.py"
 
 
+def assert_inpaints(model: Path, tmp_path: Path) -> None:
+    """The command line fills a held-out removal hole with the assembled `model`, at 64x64."""
+    example = removal_example(make_scene(HELDOUT_SEEDS[0]), 0)
+    example.masked_image.save(tmp_path / "scene.png")
+    example.mask.save(tmp_path / "mask.png")
+    assert main(["inpaint", str(tmp_path / "scene.png"), str(tmp_path / "mask.png"), "-p", example.prompt,
+                 "--base", str(model), "--brushnet", str(model / "brushnet"), "--steps", "2",
+                 "--out", str(tmp_path / "result.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "result.png").convert("RGB")).shape == (64, 64, 3)
+
+
 def test_build_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "build"
     command = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--scenes", "48", "--batch", "4",
@@ -32,14 +43,7 @@ def test_build_runs_every_stage_and_resumes(tmp_path):
                            env=env, timeout=300)
     assert again.returncode == 0 and "resuming" in again.stdout + again.stderr
 
-    example = removal_example(make_scene(HELDOUT_SEEDS[0]), 0)
-    example.masked_image.save(tmp_path / "scene.png")
-    example.mask.save(tmp_path / "mask.png")
-    assert main(["inpaint", str(tmp_path / "scene.png"), str(tmp_path / "mask.png"), "-p", example.prompt,
-                 "--base", str(model), "--brushnet", str(model / "brushnet"), "--steps", "2",
-                 "--out", str(tmp_path / "result.png")]) == 0
-    result = np.asarray(Image.open(tmp_path / "result.png").convert("RGB"))
-    assert result.shape == (64, 64, 3)
+    assert_inpaints(model, tmp_path)
 
     # The decoder stage trained the decoder alone: the shipped VAE's encoder is the base's, so the
     # latents the base and the BrushNet learned are unchanged.
@@ -109,3 +113,43 @@ def test_a_base_from_that_is_no_base_folder_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "not a base folder" in run.stderr and "Traceback" not in run.stderr
     assert not out.exists()
+
+
+def test_a_build_on_the_32x32_latent_grid_seeded_by_the_shipped_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from brushnet.demo.model import DEMO_MODEL_DIR
+
+    out = tmp_path / "grid32"
+    common = [sys.executable, str(TOOL), str(out), "--device", "cpu", "--scenes", "16", "--batch", "4",
+              "--vae-batch", "4", "--latent-size", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    for stage in (["--stage", "data"], ["--stage", "vae", "--vae-steps", "2", "--vae-schedule", "linear"],
+                  ["--stage", "base", "--base-from", "shipped", "--base-steps", "0"],
+                  ["--stage", "brushnet", "--brushnet-from", "shipped", "--mask-mix", "drawn", "--brushnet-steps", "2"],
+                  ["--stage", "assemble"]):
+        run = subprocess.run([*common, *stage], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, (stage, run.stderr[-2000:])
+    # The VAE downsamples 2x; the base's UNet works on 32x32 latents.
+    vae = load_file(next((out / "vae").glob("*.safetensors")))
+    assert vae["encoder.conv_out.weight"].shape[0] == 8 and "encoder.down_blocks.2.resnets.0.conv1.weight" not in vae
+    # The shipped 16x16 base seeded the 32x32 one: its down blocks one level in, the rest in place
+    # (0 base steps: saved as seeded), the outer level fresh.
+    shipped_unet = load_file(next((DEMO_MODEL_DIR / "unet").glob("*.safetensors")))
+    seeded = load_file(next((out / "base" / "unet").glob("*.safetensors")))
+    pairs = {"down_blocks.1.attentions.0.proj_in.weight": "down_blocks.0.attentions.0.proj_in.weight",
+             "down_blocks.3.resnets.0.conv1.weight": "down_blocks.2.resnets.0.conv1.weight",
+             "up_blocks.2.attentions.1.proj_out.weight": "up_blocks.2.attentions.1.proj_out.weight",
+             "mid_block.resnets.0.conv1.weight": "mid_block.resnets.0.conv1.weight"}
+    for ours, theirs in pairs.items():
+        assert torch.equal(seeded[ours].float(), shipped_unet[theirs].float()), ours
+    assert "up_blocks.3.resnets.0.conv1.weight" in seeded and "up_blocks.2.upsamplers.0.conv.weight" in seeded
+    # The shipped BrushNet seeded the new one: its residual convs two places on, the new outer ones zero.
+    shipped_branch = load_file(next((DEMO_MODEL_DIR / "brushnet").glob("*.safetensors")))
+    seed = load_file(next((out / "brushnet-seed").glob("*.safetensors")))
+    assert torch.equal(seed["brushnet_down_blocks.2.weight"].float(), shipped_branch["brushnet_down_blocks.0.weight"].float())
+    assert torch.equal(seed["brushnet_up_blocks.7.weight"].float(), shipped_branch["brushnet_up_blocks.7.weight"].float())
+    assert not seed["brushnet_down_blocks.0.weight"].any() and not seed["brushnet_up_blocks.10.weight"].any()
+    assert '"mask_downsampling": "max"' in (out / "brushnet" / "config.json").read_text()
+
+    assert_inpaints(out / "demo-model", tmp_path)

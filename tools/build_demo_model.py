@@ -39,7 +39,10 @@ encoder frozen, so the latents, the base and the BrushNet stay valid; `assemble`
 `--decoder-latent-noise S` trains it on latents with noise up to S (in the latents' std) added,
 so a generated latent a little off the encoder's decodes to clean colours. `--colour-jitter N`
 draws the training scenes in shades up to N per channel off the palette (each still nearest its
-named colour), so that "green" is also PIL's (0, 128, 0).
+named colour), so that "green" is also PIL's (0, 128, 0). `--latent-size 32` builds on a finer
+latent grid (the VAE downsamples 2x instead of 4x; the base's UNet gets one level more and no
+attention at 32x32; `--vae-lr`, `--vae-schedule` set the VAE's run): at 16x16 even the scenes' own
+latents decode a star to 80 % of its colour in only 62 % of the held-out scenes.
 
 The shipped model is the first one fine-tuned on drawn holes in seven stages, each resuming and
 each starting from the last one's checkpoint with `--brushnet-from`; the fifth also trains the base
@@ -54,7 +57,7 @@ pixels more in the loss, measured no better); the seventh fine-tunes it on scene
         --mask-mix drawn --scene-layout varied --brushnet-steps 2200 --brushnet-lr 1e-4
 
 Stages: `data` writes the training scenes (images, captions, per-shape RLE masks); `vae` trains an
-AutoencoderKL (64x64 -> 16x16x4); `base` trains a CLIP text encoder over the closed vocabulary
+AutoencoderKL (64x64 -> 16x16x4, or 32x32x4); `base` trains a CLIP text encoder over the closed vocabulary
 together with an SD1.5-shaped UNet (epsilon prediction, 10 % empty captions) and saves a
 StableDiffusionPipeline folder; `decoder` (only with --decoder-steps) sharpens the VAE's decoder;
 `brushnet` runs `brushnet.training.train` on it with the scenes'
@@ -75,17 +78,36 @@ from brushnet.demo.tokenizer import write_tokenizer
 from brushnet.masks import MASK_DOWNSAMPLINGS
 
 
-def vae_model():
+# The latent grids a build can train (`--latent-size`): 16x16 (the VAE downsamples 4x; every shipped
+# stage so far) or 32x32 (2x), where a star's arm or a 4 px checker is a latent cell of its own
+# instead of a quarter of one (BENCHMARKS.md, "Holes people draw").
+LATENT_SIZES = (16, 32)
+
+
+def vae_model(latent_size: int = 16):
     from diffusers import AutoencoderKL
 
+    if latent_size == 16:
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE, layers_per_block=1,
+            block_out_channels=(32, 64, 64), norm_num_groups=16,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        )
+    # 2x: one downsampling; no attention in its mid block (1024 tokens there, and a 3x compression
+    # needs none: measured 1.0 s/step at batch 16 without against 1.3 with, one core).
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64), norm_num_groups=16, mid_block_add_attention=False,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )
 
 
-def base_models(tokenizer):
+def latent_size_of(vae) -> int:
+    """The latent grid of a VAE: the scenes' size over its downsampling."""
+    return SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def base_models(tokenizer, latent_size: int = 16):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -95,13 +117,103 @@ def base_models(tokenizer):
         max_position_embeddings=77, bos_token_id=vocab[tokenizer.bos_token], eos_token_id=vocab[tokenizer.eos_token],
         pad_token_id=vocab[tokenizer.pad_token], projection_dim=128,
     ))
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,
-    )
+    if latent_size == 16:
+        unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64, 128),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,
+        )
+    else:
+        # 32x32: the 16x16 UNet above with one level added outside it, at 32x32 and without attention
+        # (1024 tokens there cost more than the level's convolutions): 0.75 s/step at batch 32 on
+        # one core. The inner levels keep the 16x16 UNet's shapes, so a 16x16 base can seed them
+        # (grown_unet_state).
+        unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 32, 64, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,
+        )
     return text_encoder, unet
+
+
+def grown_unet_state(state: dict) -> dict:
+    """A 16x16 base UNet's weights renamed for the 32x32 one (base_models): its down blocks move one
+    place in, behind the new outer level; its mid and up blocks, whose shapes and places the new
+    UNet shares, keep their names. What the 32x32 UNet has on top (the outer down and up blocks and
+    the upsampler into them) keeps its fresh initialisation."""
+    grown = {}
+    for key, value in state.items():
+        if key.startswith("down_blocks."):
+            _, index, rest = key.split(".", 2)
+            key = f"down_blocks.{int(index) + 1}.{rest}"
+        grown[key] = value
+    return grown
+
+
+def grown_brushnet_state(state: dict) -> dict:
+    """A 16x16 BrushNet's weights renamed for one of a 32x32 base (grown_unet_state's move): its
+    down blocks one place in, its down residual convs two (the outer level's resnet and downsampler
+    come first); its up residual convs keep their places, the new upsampler's and the outer up
+    block's come after them."""
+    grown = {}
+    for key, value in state.items():
+        for prefix, shift in (("down_blocks.", 1), ("brushnet_down_blocks.", 2)):
+            if key.startswith(prefix):
+                index, rest = key[len(prefix):].split(".", 1)
+                key = f"{prefix}{int(index) + shift}.{rest}"
+                break
+        grown[key] = value
+    return grown
+
+
+def grown_brushnet(out: Path, source: str) -> str:
+    """The BrushNet `source` (a folder) as the start of one for this build's base: itself when it
+    has the base's levels, else (a 16x16 BrushNet, a 32x32 base) a new BrushNet made from the base
+    (BrushNetModel.from_unet) with the source's weights grown into it, saved once in OUT/brushnet-seed."""
+    from diffusers import UNet2DConditionModel
+
+    from brushnet import BrushNetModel
+
+    base_unet = UNet2DConditionModel.from_pretrained(base_folder(out) / "unet", torch_dtype=torch.float32)
+    source_model = BrushNetModel.from_pretrained(source, torch_dtype=torch.float32)
+    levels = len(source_model.config.down_block_types), len(base_unet.config.down_block_types)
+    if levels[0] == levels[1]:
+        return source
+    if levels != (3, 4):
+        raise SystemExit(f"--brushnet-from {source}: its {levels[0]} levels cannot seed a BrushNet for a base of "
+                         f"{levels[1]}")
+    target = out / "brushnet-seed"
+    if not target.exists():
+        model = BrushNetModel.from_unet(base_unet)
+        model.register_to_config(mask_downsampling=source_model.config.mask_downsampling)
+        state = grown_brushnet_state(source_model.state_dict())
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected
+        print(f"brushnet: {source}'s {len(state)} tensors seed the 32x32 BrushNet; {len(missing)} from the base",
+              flush=True)
+        model.save_pretrained(target.with_name(".brushnet-seed.tmp"))
+        target.with_name(".brushnet-seed.tmp").rename(target)
+    return str(target)
+
+
+def load_base_unet(unet, source_unet) -> None:
+    """`source_unet`'s weights into `unet`: as they are when both are on one latent grid, grown
+    (grown_unet_state) when the source is a 16x16 base and `unet` a 32x32 one."""
+    state = source_unet.state_dict()
+    if source_unet.config.sample_size != unet.config.sample_size:
+        if (source_unet.config.sample_size, unet.config.sample_size) != (16, 32):
+            raise SystemExit(f"--base-from: a {source_unet.config.sample_size}x{source_unet.config.sample_size} "
+                             f"base cannot seed a {unet.config.sample_size}x{unet.config.sample_size} one")
+        state = grown_unet_state(state)
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected
+        print(f"base: the 16x16 base's {len(state)} tensors seed the 32x32 UNet; {len(missing)} start fresh")
+        return
+    unet.load_state_dict(state)
 
 
 def scene_batches(data: Path, batch: int, seed: int | None, device, epochs: int | None = None):
@@ -173,7 +285,7 @@ def train_steps(name, out: Path, modules: dict, steps: int, lr: float, step_fn, 
 
 
 def stage_vae(out: Path, args, device):
-    vae = vae_model().to(device).train()
+    vae = vae_model(args.latent_size).to(device).train()
     batches = scene_batches(out / "data", args.vae_batch, 1, device)
 
     def step():
@@ -182,7 +294,7 @@ def stage_vae(out: Path, args, device):
         reconstruction = vae.decode(posterior.sample()).sample
         return F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
 
-    train_steps("vae", out, {"vae": vae}, args.vae_steps, 1e-3, step, device)
+    train_steps("vae", out, {"vae": vae}, args.vae_steps, args.vae_lr, step, device, schedule=args.vae_schedule)
     # Latents at unit variance, as SD's scaling factor does for its VAE.
     with torch.no_grad():
         pixels, _ = next(batches)
@@ -270,19 +382,19 @@ def stage_base(out: Path, args, device):
     source = None
     if args.base_from != "scratch":
         # Go on training the shipped base, or a base folder (its VAE unchanged): the VAE copied once
-        # next to the run.
+        # next to the run. With this build's own VAE (the vae stage ran, e.g. --latent-size 32) that
+        # VAE stays, and the source's UNet and text encoder only seed the new base.
         from brushnet.demo.model import DEMO_MODEL_DIR
 
         source = DEMO_MODEL_DIR if args.base_from == "shipped" else Path(args.base_from)
         copy_once(source / "vae", out / "vae")
     vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).requires_grad_(False)
-    text_encoder, unet = (m.to(device).train() for m in base_models(tokenizer))
+    text_encoder, unet = (m.to(device).train() for m in base_models(tokenizer, latent_size_of(vae)))
     if source is not None:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(
-            source / "unet", torch_dtype=torch.float32).state_dict())
+        load_base_unet(unet, UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32))
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
             source / "text_encoder", torch_dtype=torch.float32).state_dict())
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -351,6 +463,7 @@ def stage_brushnet(out: Path, args, device):
         copy_once(DEMO_MODEL_DIR, out / "shipped")
         write_data(out, args)
         brushnet_from = str(out / "shipped" / "brushnet") if args.brushnet_from == "shipped" else args.brushnet_from
+        brushnet_from = grown_brushnet(out, brushnet_from)
     # The reference mix at 64x64 means segmentation masks only (like the authors'
     # segmentation_mask_brushnet): its random brush strokes are 128 px wide, the whole scene here;
     # "strokes" and "drawn" scale them to the resolution.
@@ -411,6 +524,12 @@ def main():
     parser.add_argument("--batch", type=int, default=32, help="batch of the base and BrushNet stages")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-steps", type=int, default=1300)
+    parser.add_argument("--latent-size", type=int, default=16, choices=LATENT_SIZES,
+                        help="vae: the latent grid of the 64x64 scenes, 16 (4x downsampling) or 32 (2x); the "
+                             "base stage follows its VAE")
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-schedule", default="constant", choices=LR_SCHEDULES,
+                        help="vae: the learning rate constant, or from --vae-lr down to 0 over the run")
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--brushnet-steps", type=int, default=2000)
     parser.add_argument("--base-lr", type=float, default=3e-4)
