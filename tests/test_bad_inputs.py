@@ -92,6 +92,9 @@ def no_model_load(monkeypatch):
     (["--guidance", "-1e-3"], "--guidance must be a number in [0, 100]; got -0.001"),
     (["--scale", "-.5e1"], "--scale must be a number in [0, 10]; got -5.0"),
     (["--strength", "-NaN"], "--strength must be"),
+    # Used to be refused only after the model loaded, in the pipeline's keyword names.
+    (["--strength", "0.5", "--steps", "1"], "--strength 0.5 of --steps 1 leaves no denoising step"),
+    (["--strength", "0.3", "--steps", "3"], "use --strength >= 0.334 or more steps"),  # 0.333 would leave none
     (["--scale", "nan"], "--scale must be a number in [0, 10]"),
     (["--start", "nan"], "--start must be a number in [0, 1]"),
     (["--start", "0.5", "--end", "0.5"], "--start must be less than --end"),
@@ -392,6 +395,18 @@ def test_a_launch_that_cannot_split_is_refused(photo, monkeypatch, capsys, no_mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x"], capsys)
     assert "splits a folder of images" in line
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"\x89PNG\r\n\x1a\n\0\0", b""])
+def test_a_pickle_named_file_that_is_no_checkpoint_is_one_line(photo, base, tmp_path, content, capsys):
+    # torch's unpickler failed on such bytes with a KeyError (a traceback), a UnicodeDecodeError, or
+    # an UnpicklingError read as "holds more than tensors".
+    (tmp_path / "brushnet.bin").write_bytes(content)
+    image, mask = photo
+    line = _one_line_error(["inpaint", str(image), str(mask), "-p", "x", "--base", str(base), "--brushnet",
+                            str(tmp_path / "brushnet.bin"), "--allow-pickle", "--out", str(tmp_path / "r.png")],
+                           capsys)
+    assert "brushnet.bin is not a PyTorch checkpoint" in line and not (tmp_path / "r.png").exists()
 
 
 def test_info_on_a_folder_or_damaged_file(tmp_path, capsys):

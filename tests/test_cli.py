@@ -387,7 +387,10 @@ def test_signed_numbers_after_a_space_are_values_and_nothing_else_is_joined():
 
     assert join_signed_numbers(["inpaint", "a.png", "--guidance", "-inf", "--scale", "-1.5e-2", "--seed", "-7"]) == \
         ["inpaint", "a.png", "--guidance=-inf", "--scale=-1.5e-2", "--seed=-7"]
+    # A point or box off the image's top or left edge reaches the check that it lies on the image.
+    assert join_signed_numbers(["mask", "a.png", "--point", "-3,5", "--box", "-1,-2.5,40,30"]) == \
+        ["mask", "a.png", "--point=-3,5", "--box=-1,-2.5,40,30"]
     # Not a number, a short flag, an option already given its value, or after "--": left as typed.
     for argv in (["--prompt", "-a red circle"], ["-p", "-inf"], ["--guidance=1", "-5"], ["--", "-5"],
-                 ["--steps", "-e5"], ["--", "--x", "-5"]):
+                 ["--steps", "-e5"], ["--", "--x", "-5"], ["--point", "-3,x"], ["--point", "-3,,5"]):
         assert join_signed_numbers(argv) == argv

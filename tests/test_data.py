@@ -595,6 +595,25 @@ def test_pack_folder_refuses_to_overwrite(folder, tmp_path):
         pack_folder(folder, out / "x", shard_size=0)
 
 
+def test_pack_command_mistakes_are_one_line(folder, tmp_path, capsys):
+    from brushnet.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "packed"
+    for argv, message in [
+        # An OUT_DIR that is a file used to end in "[Errno 17] File exists: ...".
+        ([str(tmp_path / "notes.txt")], "notes.txt is a file: the shards need a folder"),
+        ([str(out), "--shard-size", "0"], "--shard-size must be a whole number >= 1; got 0"),
+    ]:
+        assert main(["data", "pack", str(folder), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not out.exists()
+    assert main(["data", "pack", str(folder), str(out)]) == 0
+    assert main(["data", "pack", str(folder), str(out)]) == 2
+    assert "pass overwrite=True (--overwrite) to replace them" in capsys.readouterr().err
+
+
 def test_pack_folder_exif_orientation(tmp_path):
     # A JPEG stored 32 wide x 24 high with orientation 6 (rotate 90 degrees clockwise): 24 wide x 32 high upright.
     root = tmp_path / "exif"

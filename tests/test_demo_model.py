@@ -111,6 +111,21 @@ def test_demo_command_writes_scene_mask_and_result(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps must be a whole number in [1, 1000]; got 0"),
+    (["--seed", "-5"], "--seed must be a whole number in [0, "),
+    (["--prompt", "  "], "--prompt is required"),
+])
+def test_demo_mistakes_write_nothing(tmp_path, capsys, extra, message):
+    # The scene and mask used to be written before the check, and then made the corrected command
+    # refuse to run without --overwrite.
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_every_demo_model_file_is_package_data():
     """A wheel carries only what pyproject's package-data globs name (checked by building one:
     all 12 model files are in it); a model file the globs miss would be lost on installation."""

@@ -104,6 +104,20 @@ def test_convert_writes_a_safetensors_copy_of_the_text_encoder(powerpaint, tmp_p
     assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)
 
 
+def test_convert_on_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "notes.bin").write_text("hello\n")  # torch's unpickler: KeyError, a traceback
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # was "holds more than tensors"
+    torch.save({"w": torch.zeros(2)}, tmp_path / "cut.bin")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "cut.bin").read_bytes()[:200])  # a damaged archive
+    for name, message in [("notes.bin", "notes.bin is not a PyTorch checkpoint"),
+                          ("photo.png", "photo.png is not a PyTorch checkpoint"), ("cut.bin", "Could not read")]:
+        for extra in ([], ["--allow-pickle"]):
+            assert message in _error(["convert", str(tmp_path / name), *extra], capsys)
+    assert not (tmp_path / "text_encoder_brushnet.safetensors").exists()
+
+
 def test_strength_works_with_powerpaint(powerpaint, tmp_path):
     folder, models = powerpaint
     out = tmp_path / "soft.png"

@@ -142,6 +142,24 @@ def test_not_a_sam_checkpoint_is_refused(models):
         Segmenter.from_pretrained("/nonexistent/sam")
 
 
+def test_a_checkpoint_file_or_a_folder_missing_its_weights_is_one_sentence(models, tmp_path):
+    import shutil
+
+    # Its config.json named as a file: transformers read it as the config, then unpickled it as the
+    # weights (a traceback from torch.load).
+    with pytest.raises(ValueError, match=r"config.json is a file: give the folder that holds it"):
+        Segmenter.from_pretrained(str(models[0] / "config.json"))
+    with pytest.raises(ValueError, match=r"dino.config.json is a file: give the folder that holds it"):
+        Detector.from_pretrained(str(models[1] / "config.json"))
+    for source, cls, flag in ((models[0], Segmenter, "--segmenter"), (models[1], Detector, "--detector")):
+        folder = tmp_path / source.name
+        folder.mkdir()
+        shutil.copy(source / "config.json", folder)  # no weights: named by the flag, one line
+        with pytest.raises(ValueError) as error:
+            cls.from_pretrained(str(folder))
+        assert str(error.value).startswith(f"{flag} {folder}: cannot load it (") and "\n" not in str(error.value)
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 def test_mask_command_writes_the_selection(tmp_path, models, segmenter, image, capsys):
@@ -176,12 +194,20 @@ def test_mask_command_writes_the_selection(tmp_path, models, segmenter, image, c
     (["--segmenter", "SAM", "--text", "a dog", "--detector", "D", "--threshold", "0"],
      "--threshold must be a number in (0, 1]"),
     (["--segmenter", "SAM", "--point", "5,5", "--dilate", "-1"], "--dilate must be a whole number >= 0"),
+    # These three used to get past the checks: argparse's "expected one argument", and the model
+    # loaded before "dilate must be ..." or "[Errno 17] File exists".
+    (["--segmenter", "SAM", "--point", "-3,5"], "point -3,5 (on the 90x40 image): x must be a number in [0, 89]"),
+    (["--segmenter", "SAM", "--point", "5,5", "--dilate", "500"], "--dilate must be a whole number in [0, 90]"),
+    (["--segmenter", "SAM", "--point", "5,5", "--out", "{tmp}/photo.png/m.png"],
+     "cannot create the output folder"),
 ])
 def test_mask_command_errors_before_loading(tmp_path, image, capsys, extra, message):
     image.save(tmp_path / "photo.png")
-    assert main(["mask", str(tmp_path / "photo.png"), *extra, "--out", str(tmp_path / "m.png")]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "m.png").exists()
+    extra = [value.format(tmp=tmp_path) for value in extra]
+    assert main(["mask", str(tmp_path / "photo.png"), "--out", str(tmp_path / "m.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.png").exists() and (tmp_path / "photo.png").is_file()
 
 
 def test_mask_command_point_outside_the_image(tmp_path, models, image, capsys):

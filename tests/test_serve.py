@@ -628,6 +628,13 @@ def test_models_load_on_first_use_one_at_a_time(golden, files):
     assert loads == ["loading sd15_tiny_pipeline", "loading built-in demo model"]
 
 
+def free_port() -> str:
+    """A port nothing listens on now: the command checks that it can bind before it launches."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_serve_command_binds_locally_and_warns_elsewhere(monkeypatch, capsys):
     launched = {}
 
@@ -641,16 +648,53 @@ def test_serve_command_binds_locally_and_warns_elsewhere(monkeypatch, capsys):
 
     monkeypatch.setattr(serve_app, "build_app", lambda service: FakeApp())
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the command lowers it
-    assert main(["serve", "--port", "7999"]) == 0
+    assert main(["serve", "--port", free_port()]) == 0
     assert launched["server_name"] == "127.0.0.1" and launched["auth"] is None and not launched["share"]
     assert launched["max_file_size"] == 50 * 2**20 and "warning" not in capsys.readouterr().err
-    assert main(["serve", "--host", "0.0.0.0", "--auth", "ann:secret:with:colons", "--max-upload-mb", "2"]) == 0
+    assert main(["serve", "--host", "0.0.0.0", "--port", free_port(), "--auth", "ann:secret:with:colons", "--max-upload-mb", "2"]) == 0
     assert launched["auth"] == ("ann", "secret:with:colons") and launched["max_file_size"] == 2 * 2**20
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
-    assert main(["serve", "--host", "0.0.0.0"]) == 0
+    assert main(["serve", "--host", "0.0.0.0", "--port", free_port()]) == 0
     assert "protect it with --auth USER:PASS" in capsys.readouterr().err
     assert main(["serve", "--auth", "nopassword"]) == 2
     assert "--auth must be USER:PASS" in capsys.readouterr().err
+
+
+def test_an_address_the_server_cannot_listen_on_is_named(monkeypatch, capsys):
+    launched = {}
+
+    class FakeApp:
+        def launch(self, **options):
+            launched.update(options)
+            return None, "http://localhost/", None
+
+        def block_thread(self):
+            pass
+
+    monkeypatch.setattr(serve_app, "build_app", lambda service: FakeApp())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # gradio called each of these a port in use; the last two were not.
+        for argv, message in [(["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
+                              (["--host", "no-such-host.invalid"], "neither an IP address nor a host name"),
+                              (["--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine")]:
+            assert main(["serve", *argv]) == 2
+            error = capsys.readouterr().err.strip().splitlines()[-1]
+            assert error.startswith("brushnet: error:") and message in error, error
+    assert not launched
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    # gradio writes its own URL from the host: an IPv6 address without brackets failed as "Invalid port".
+    for host in ("::1", "[::1]"):
+        assert main(["serve", "--host", host, "--port", str(port)]) == 0
+        assert launched["server_name"] == "[::1]" and "warning" not in capsys.readouterr().err
 
 
 def test_serve_without_gradio_says_how_to_install(monkeypatch, capsys):
@@ -761,7 +805,10 @@ def test_serve_checks_the_segmenter_options_at_start(segmentation_models, monkey
     for argv, message in [(["--detector", dino], "--detector finds boxes that SAM turns into masks: give --segmenter"),
                           (["--segmenter", "/nonexistent/sam"], "no such folder, nor a model in the Hugging Face "
                                                                 "cache (the server downloads nothing)"),
-                          (["--segmenter", dino], "is a 'grounding-dino' model, not 'sam'")]:
+                          (["--segmenter", dino], "is a 'grounding-dino' model, not 'sam'"),
+                          # Was "no such folder, nor a model in the Hugging Face cache".
+                          (["--segmenter", f"{sam}/config.json"], "config.json is a file: give the folder that "
+                                                                  "holds it")]:
         assert main(["serve", *argv]) == 2
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0 and message in error, error

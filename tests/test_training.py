@@ -267,6 +267,8 @@ def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
     (broken / "a.png").write_bytes(b"garbage")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "checkpoint-10").mkdir()
+    wide_mask = tmp_path / "wide-mask.png"
+    Image.new("L", (Image.open(data / "00.png").width * 2, Image.open(data / "00.png").height), 255).save(wide_mask)
     cases = [
         (["--resolution", "12", "--output_dir", str(tmp_path / "o1")], "multiple of 8"),
         (["--resolution", "16", "--output_dir", str(tmp_path / "done")], "another run"),
@@ -279,6 +281,9 @@ def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
         (["--resolution", "16", "--output_dir", str(broken / "a.png" / "run")], "is a file, not a folder"),
         (["--resolution", "16", "--output_dir", str(tmp_path / "o4"), "--validation_image", str(tmp_path / "no.png"),
           "--validation_mask", str(data / "masks" / "00.png"), "--validation_prompt", "a cat"], "no.png"),
+        # Both are resized to --resolution: a mask of another size used to be stretched over other pixels.
+        (["--resolution", "16", "--output_dir", str(tmp_path / "o4"), "--validation_image", str(data / "00.png"),
+          "--validation_mask", str(wide_mask), "--validation_prompt", "a cat"], "masks must have the size of"),
         # A DataLoader worker's error is its message, not the worker's traceback.
         (["--resolution", "16", "--output_dir", str(tmp_path / "o5"), "--train_data_dir", str(broken),
           "--dataloader_num_workers", "2"], "could be used"),

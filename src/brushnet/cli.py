@@ -15,8 +15,10 @@ from .options import (
     join_signed_numbers,
     load_pipeline_from_args,
     model_params,
+    prepare_output_folders,
     resolve_device,
     resolve_dtype,
+    user_checked,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -210,7 +212,7 @@ def cmd_inpaint(args) -> int:
         print(f"skipping {len(jobs) - len(todo)} input(s) whose outputs exist (--overwrite to redo them)")
     if not todo:
         return 0
-    _prepare_output_folders([p for job in todo for p in job["outputs"]])
+    prepare_output_folders([p for job in todo for p in job["outputs"]])
     # Read every input before the model loads: a single bad file stops the run at once; in a
     # folder, the broken ones are named now and at the end, and the good ones are processed.
     broken = {}
@@ -293,7 +295,7 @@ def cmd_outpaint(args) -> int:
     outputs = _output_paths(out, args.num_images)
     if not args.overwrite:
         _refuse_existing(outputs)
-    _prepare_output_folders(outputs)
+    prepare_output_folders(outputs)
     job = {"image": image_path, "mask": None, "prompt": prompt, "outputs": outputs, "batch": False,
            "canvas": canvas,
            "extra_params": {"outpaint": {s: getattr(args, s) for s in ("left", "right", "top", "bottom")}}}
@@ -313,15 +315,19 @@ def cmd_demo(args) -> int:
     paths = {"scene": out / "scene.png", "mask": out / "mask.png", "result": out / "result.png"}
     if not args.overwrite:
         _refuse_existing([*paths.values(), out / "comparison.png"])
-    _prepare_output_folders(list(paths.values()))
-    from .metadata import save_png
-
-    save_png(scene.image, paths["scene"], {"caption": scene.caption}, overwrite=True)
-    save_png(example.mask, paths["mask"], {}, overwrite=True)
     prompt = args.prompt or example.prompt
     inpaint_args = build_parser().parse_args([
         "inpaint", str(paths["scene"]), str(paths["mask"]), "--prompt", prompt, "--out", str(paths["result"]),
         "--seed", str(args.seed), "--steps", str(args.steps), "--overwrite"])
+    # Checked before the scene and mask are written: they would otherwise stay behind and make
+    # the corrected command refuse to replace them.
+    check_generation_args(inpaint_args)
+    _require_prompt(prompt)
+    prepare_output_folders(list(paths.values()))
+    from .metadata import save_png
+
+    save_png(scene.image, paths["scene"], {"caption": scene.caption}, overwrite=True)
+    save_png(example.mask, paths["mask"], {}, overwrite=True)
     print(f"scene: {scene.caption}")
     cmd_inpaint(inpaint_args)
     _save_comparison(paths["scene"], paths["mask"], paths["result"], out / "comparison.png")
@@ -357,8 +363,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_data_pack(args) -> int:
+    from .arguments import check_number
     from .data import pack_folder
 
+    user_checked(check_number, args.shard_size, "--shard-size", low=1, integer=True)
     shards = pack_folder(args.folder, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
     print(f"wrote {len(shards)} shard(s) to {args.out}")
     return 0
@@ -488,17 +496,6 @@ def _refuse_existing(paths: list[Path]) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
-
-
-def _prepare_output_folders(paths: list[Path]) -> None:
-    """Create the outputs' folders now, so an unusable --out fails before the model loads."""
-    for folder in {p.parent for p in paths}:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create the output folder {folder} ({error.strerror}): choose another --out")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"the output folder {folder} is not writable: choose another --out")
 
 
 def _load(args, process_device: str | None = None):

@@ -12,6 +12,7 @@ the sizes `inpaint` works at it runs as diffusers runs it by default.
 
 import contextlib
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 import PIL.Image
@@ -103,6 +104,12 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
         check_blend_kernel(settings.blend_kernel, name("blend_kernel"))
     check_number(settings.context, name("context"), low=0.0, high=10.0)
     check_number(settings.strength, name("strength"), low=0.0, high=1.0, low_inclusive=False)
+    # The pipelines refuse this too, but only once the model is loaded, and in their keywords' names.
+    if int(settings.steps * settings.strength) < 1:
+        # The smallest strength that leaves one step, rounded up so that the number shown works.
+        enough = math.ceil(1000 / settings.steps) / 1000
+        raise ValueError(f"{name('strength')} {settings.strength:g} of {name('steps')} {settings.steps} leaves no "
+                         f"denoising step: use {name('strength')} >= {enough:g} or more steps.")
     check_number(settings.brushnet_every, name("brushnet_every"), low=1, high=100, integer=True)
     check_choice(settings.vae_tiling, VAE_TILING_MODES, name("vae_tiling"))
     check_text(settings.prompt, name("prompt"))

@@ -160,9 +160,25 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+def _check_torch_file(path: Path) -> None:
+    """ModelLoadError unless `path` starts as a `torch.save` file does: a zip archive (torch >= 1.6)
+    or a pickle (the legacy format, opening with pickle's PROTO opcode). torch's unpicklers fail on
+    other bytes (text, an image) with any exception, a KeyError or a UnicodeDecodeError, or with an
+    UnpicklingError that would read as "holds more than tensors"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"Could not read {path} ({_first_line(e)}): check the file.") from e
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ModelLoadError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle): "
+                             "pass a .safetensors, .ckpt, .bin or .pt weights file.")
+
+
 def _load_pickle_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not allow_pickle:
         _refuse_pickle(path)
+    _check_torch_file(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -170,6 +186,8 @@ def _load_pickle_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.T
         # when the file holds more than tensors.
         logger.warning("%s holds more than tensors; loading it with weights_only=False (allow_pickle=True).", path)
         loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:  # a truncated or damaged archive
+        raise ModelLoadError(f"Could not read {path} ({_first_line(e)}): check the file.") from e
     # Training checkpoints often wrap the weights: {"state_dict": {...}}.
     while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
@@ -417,6 +435,7 @@ def _read_text_encoder_state(path: Path, allow_pickle: bool) -> dict[str, torch.
     if path.suffix == SAFETENSORS_SUFFIX:
         _read_safetensors_shapes(path)  # a readable header, or one clear error
         return load_file(str(path))
+    _check_torch_file(path)
     try:
         # weights_only cannot run code: a plain state dict (what PowerPaint released) needs no consent.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -442,7 +461,9 @@ def write_text_encoder_safetensors(source, *, allow_pickle: bool = False) -> Pat
         path = _brushnet_folder(path) / POWERPAINT_TEXT_ENCODER_BIN
     if not path.is_file():
         raise _missing_path_error(path, "PowerPaint text encoder")
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .files import atomic_write
 
     state = _read_text_encoder_state(path, allow_pickle)
     try:
@@ -450,7 +471,9 @@ def write_text_encoder_safetensors(source, *, allow_pickle: bool = False) -> Pat
     except ValueError as e:
         raise ModelLoadError(f"{path}: {_first_line(e)}") from e
     target = path.with_name(POWERPAINT_TEXT_ENCODER_SAFETENSORS)
-    save_file({key: value.contiguous() for key, value in state.items()}, str(target))
+    # Loading prefers this file to the .bin from then on: an interrupted write must leave none.
+    with atomic_write(target) as f:
+        f.write(save({key: value.contiguous() for key, value in state.items()}))
     return target
 
 

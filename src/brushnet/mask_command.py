@@ -4,7 +4,7 @@
 import argparse
 from pathlib import Path
 
-from .options import UserError, resolve_device, user_checked
+from .options import UserError, prepare_output_folders, resolve_device, user_checked
 
 SEGMENTER_HELP = "SAM checkpoint: folder or hub id (e.g. facebook/sam-vit-base, or a SlimSAM)"
 DETECTOR_HELP = "open-vocabulary detector for --text: folder or hub id (e.g. IDEA-Research/grounding-dino-tiny)"
@@ -96,15 +96,19 @@ def check_selection_args(args, mask_given: bool = False) -> None:
 def selected_mask(args, image, dilate: int | None = None):
     """The mask (255 = fill, the image's size) of the selection on the command line, grown by
     `dilate` pixels (default --dilate)."""
+    from .arguments import check_number
     from .segmentation import Detector, Segmenter, build_prompts, select_mask
 
     user_checked(build_prompts, image.size, args.point, args.negative_point, args.box, has_text=bool(args.text))
+    dilate = args.dilate if dilate is None else dilate
+    # The bound select_mask sets, checked here under the flag's name and before the models load.
+    user_checked(check_number, dilate, "--dilate", low=0, high=max(image.size), integer=True)
     device = resolve_device(args.device)
     segmenter = user_checked(Segmenter.from_pretrained, args.segmenter, device)
     detector = user_checked(Detector.from_pretrained, args.detector, device) if args.text else None
     return user_checked(select_mask, image, segmenter, points=args.point, negative_points=args.negative_point,
                         boxes=args.box, text=args.text, detector=detector, threshold=_threshold(args),
-                        dilate=args.dilate if dilate is None else dilate)
+                        dilate=dilate)
 
 
 def read_selection_job(job, args):
@@ -147,6 +151,7 @@ def cmd_mask(args) -> int:
         raise UserError(f"--out {out}: masks are written as PNG; give a .png name")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    prepare_output_folders([out])
     image = open_image(image_path)
     mask = selected_mask(args, image)
     save_png(mask, out, {**selection_params(args), "dilate": args.dilate, "source_image": image_path.name},

@@ -7,6 +7,7 @@ them imports this module, never one another.
 """
 
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,8 +28,10 @@ class UserError(ValueError):
 
 # A number with a leading minus that argparse takes for an option name: it only knows "-5" and
 # "-.5", so "--guidance -inf" or "--strength -1e-3" would fail as "expected one argument" instead of
-# reaching the check that names the accepted range.
-_SIGNED_NUMBER = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)", re.IGNORECASE)
+# reaching the check that names the accepted range. So would a point or box starting with one
+# ("--point -3,5"), which then never reaches the check that it lies on the image.
+_NUMBER = r"(inf(inity)?|nan|(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)"
+_SIGNED_NUMBER = re.compile(rf"-{_NUMBER}(,[-+]?{_NUMBER})*", re.IGNORECASE)
 
 
 def join_signed_numbers(argv: list[str]) -> list[str]:
@@ -107,6 +110,17 @@ def check_generation_args(args) -> None:
         user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
     if getattr(args, "scheduler", None) is not None:
         check_scheduler(args.scheduler)
+
+
+def prepare_output_folders(paths) -> None:
+    """Create the outputs' folders now, so an unusable --out fails before the model loads."""
+    for folder in {Path(p).parent for p in paths}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the output folder {folder} ({error.strerror}): choose another --out")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"the output folder {folder} is not writable: choose another --out")
 
 
 # -- device, precision and models -----------------------------------------------------------------

@@ -187,7 +187,7 @@ class ImageFolderDataset(RecordDataset):
         if not random_mask and not any(item.mask or item.segmentation for item in self.items):
             logger.warning(
                 "No masks (%s/<stem>.png or <stem>.json) in %s: every sample is all kept or all hole. "
-                "Use random_mask=True for a folder of images only.",
+                "Use random_mask=True (--random_mask) for a folder of images only.",
                 MASK_FOLDER,
                 self.folder,
             )

@@ -48,11 +48,13 @@ def pack_folder(
         raise ValueError(f"prefix must be a plain file name prefix; got {prefix!r}.")
     items = list_folder(folder)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: the shards need a folder (an existing one, or a new name).")
     existing = _existing_shards(out_dir, prefix)
     if existing and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds {len(existing)} shard(s) named {prefix}-*.tar; "
-            "pass overwrite=True to replace them or choose another folder or prefix."
+            "pass overwrite=True (--overwrite) to replace them or choose another folder or prefix."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 
 from .defaults import BOX_THRESHOLD, TEXT_THRESHOLD
-from .sam import _model_type
+from .sam import _model_type, cannot_load, load_part
 
 
 def split_phrases(texts: list[str]) -> list[str]:
@@ -29,14 +29,16 @@ class Detector:
     def from_pretrained(cls, source: str, device: str = "cpu") -> "Detector":
         from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        model_type = _model_type(AutoConfig, source, "--detector",
-                                 "an open-vocabulary detector such as IDEA-Research/grounding-dino-tiny")
+        example = "an open-vocabulary detector such as IDEA-Research/grounding-dino-tiny"
+        model_type = _model_type(AutoConfig, source, "--detector", example)
         try:
             model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
         except ValueError:
             raise ValueError(f"--detector {source} is a {model_type!r} model, not an open-vocabulary detector: give "
                              "one such as IDEA-Research/grounding-dino-tiny.") from None
-        return cls(model, AutoProcessor.from_pretrained(source), device)
+        except OSError as error:  # no weights file
+            raise cannot_load(error, source, "--detector", example) from None
+        return cls(model, load_part(AutoProcessor.from_pretrained, source, "--detector", example), device)
 
     @torch.no_grad()
     def detect(self, image: PIL.Image.Image, phrases: list[str], threshold: float = BOX_THRESHOLD,

@@ -5,6 +5,7 @@ to its resized input and `post_process_masks` maps the masks back, so any aspect
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -14,6 +15,7 @@ from ..arguments import check_number
 
 # SAM's prompt labels: 1 = the object is here, 0 = it is not.
 POSITIVE, NEGATIVE = 1, 0
+SAM_EXAMPLE = "a SAM checkpoint such as facebook/sam-vit-base"
 
 
 @dataclass
@@ -61,13 +63,14 @@ class Segmenter:
     def from_pretrained(cls, source: str, device: str = "cpu") -> "Segmenter":
         from transformers import AutoConfig, SamModel, SamProcessor
 
-        model_type = _model_type(AutoConfig, source, "--segmenter", "a SAM checkpoint such as facebook/sam-vit-base")
+        model_type = _model_type(AutoConfig, source, "--segmenter", SAM_EXAMPLE)
         if model_type != "sam":
             raise ValueError(
                 f"--segmenter {source} is a {model_type!r} model, not SAM: give a SAM or SlimSAM checkpoint such as "
                 "facebook/sam-vit-base (SAM 2's processor in transformers needs torchvision, which this package "
                 "does not use).")
-        return cls(SamModel.from_pretrained(source), SamProcessor.from_pretrained(source), device)
+        return cls(load_part(SamModel.from_pretrained, source, "--segmenter", SAM_EXAMPLE),
+                   load_part(SamProcessor.from_pretrained, source, "--segmenter", SAM_EXAMPLE), device)
 
     @torch.no_grad()
     def segment(self, image: PIL.Image.Image, prompts: list[Prompt]) -> np.ndarray:
@@ -103,9 +106,23 @@ class Segmenter:
 
 
 def _model_type(auto_config, source: str, flag: str, example: str) -> str:
+    # AutoConfig reads a config.json named as a file, but transformers' model loaders then take that
+    # file for the weights and fail inside torch.load: only a folder or a hub id is a checkpoint.
+    if Path(source).is_file():
+        raise ValueError(f"{flag} {source} is a file: give the folder that holds it (config.json and the weights) "
+                         f"or a hub id of {example}.")
+    return load_part(auto_config.from_pretrained, source, flag, example).model_type
+
+
+def load_part(loader, source: str, flag: str, example: str):
+    """`loader(source)` (a config, the weights, a processor), a missing or unreadable file one line
+    naming the flag instead of transformers' paragraph."""
     try:
-        return auto_config.from_pretrained(source).model_type
+        return loader(source)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{flag} {source}: cannot load it ({reason}); give a folder or hub id of {example}.") \
-            from None
+        raise cannot_load(error, source, flag, example) from None
+
+
+def cannot_load(error: Exception, source: str, flag: str, example: str) -> ValueError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{flag} {source}: cannot load it ({reason}); give a folder or hub id of {example}.")

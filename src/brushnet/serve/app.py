@@ -80,7 +80,11 @@ def build_app(service: GenerationService):
 
 def launch_options(service: GenerationService, host: str, port: int, auth: tuple[str, str] | None) -> dict:
     """`app.launch` keywords: local-only features off, nothing fetched from the internet."""
-    return {"server_name": host, "server_port": port, "auth": auth, "max_file_size": service.limits.max_upload_bytes,
+    # gradio writes the server's own URL as http://HOST:PORT/: an IPv6 address needs its brackets
+    # there (it strips them to listen), else it fails with an invalid port.
+    server_name = f"[{host}]" if ":" in host else host
+    return {"server_name": server_name, "server_port": port, "auth": auth,
+            "max_file_size": service.limits.max_upload_bytes,
             "show_error": True, "share": False, "ssr_mode": False, "pwa": False, "mcp_server": False,
             "enable_monitoring": False, "run_history": False, "footer_links": ["api"], "css": CSS}
 

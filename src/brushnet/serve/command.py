@@ -63,6 +63,8 @@ def cmd_serve(args) -> int:
     import_gradio()  # before any model work: a missing gradio is the first thing to report
     auth = parse_auth(args.auth)
     service = build_service(args)
+    args.host = args.host.removeprefix("[").removesuffix("]")  # [::1], as in a URL, is the address ::1
+    check_address(args.host, args.port)
     if args.host not in LOCAL_HOSTS:
         print(f"brushnet serve: warning: listening on {args.host}: anyone who can reach this machine on port "
               f"{args.port} can use it" + ("" if auth else "; protect it with --auth USER:PASS"), file=sys.stderr)
@@ -112,6 +114,39 @@ def build_service(args):
     detector = args.detector and user_checked(resolve_source, args.detector, "--detector")
     return GenerationService(ModelRegistry(entries, options, default=default), limits,
                              selector=Selector(segmenter, detector, device))
+
+
+def check_address(host: str, port: int) -> None:
+    """A UserError naming the reason unless the server can listen on host:port: gradio reports every
+    failure to bind (a host name that resolves to nothing, another machine's address, a port
+    reserved for root) as a port in use."""
+    import errno
+    import socket
+
+    from ..options import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        raise UserError(f"--host {host} is neither an IP address nor a host name that resolves: use 127.0.0.1 (this "
+                        "machine only) or 0.0.0.0 (every network)") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As the server binds: the lingering connections of a server just closed do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use: choose another --port") from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host} is not an address of this machine: use 127.0.0.1 (this machine "
+                                "only), 0.0.0.0 (every network) or one of this machine's own addresses") from None
+            if error.errno == errno.EACCES:
+                raise UserError(f"port {port} is reserved for the administrator (ports below 1024): choose "
+                                "--port 1024 or above") from None
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another --host or "
+                            "--port") from None
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:

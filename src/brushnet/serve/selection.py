@@ -65,6 +65,8 @@ def resolve_source(source: str, flag: str, model_type: str | None = None) -> str
     (the server fetches nothing). Its config is read, and its model type checked when given."""
     if Path(source).is_dir():
         folder = Path(source)
+    elif Path(source).is_file():  # e.g. the checkpoint's config.json or weights rather than its folder
+        raise InputError(f"{flag} {source} is a file: give the folder that holds it (config.json and the weights).")
     else:
         try:
             from huggingface_hub import snapshot_download

@@ -259,8 +259,12 @@ def _check_validation_files(config: TrainConfig) -> None:
     from ..masks import load_mask, open_image
 
     for image, mask in zip(config.validation_image, config.validation_mask):
-        open_image(image)
-        load_mask(mask)
+        size, mask_size = open_image(image).size, load_mask(mask).size
+        # Both are resized to --resolution for validation: a mask of another size would land on
+        # other pixels than the ones it marks, and the validation images show a wrong inpainting.
+        if size != mask_size:
+            raise ValueError(f"--validation_image {image} is {size[0]}x{size[1]} but --validation_mask {mask} is "
+                             f"{mask_size[0]}x{mask_size[1]}: masks must have the size of their image.")
 
 
 def first_batch(batches, config: TrainConfig):
