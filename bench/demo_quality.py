@@ -20,7 +20,10 @@ yellow background"). Methods:
 - blended-latent: the same base model without BrushNet, sampling with the known region re-noised
   and pasted into the latent at every step, only the hole left to the model (the "sampling
   strategy" family the paper compares to; Avrahami et al., Blended Latent Diffusion);
-- masked-image: the hole left as the masked image has it (black): a floor, not a method.
+- masked-image: the hole left as the masked image has it (black): a floor, not a method;
+- vae-roundtrip: the scene's own latent decoded and blended as the CLI blends: the ceiling of any
+  method that decodes through this VAE, not a method (`--vae DIR` swaps in another VAE, e.g. a
+  build's before it has a base).
 
 Scores: kept-region PSNR ([0, 1] pixels, per channel); for the shape kinds, the fraction of the
 target shape's pixels inside the hole whose nearest palette colour is the named one ("named"),
@@ -30,7 +33,8 @@ background's there, and the fraction of scenes where that is at least 90 %.
 
     OMP_NUM_THREADS=1 python bench/demo_quality.py [--scenes 200] [--steps 25] [--kinds exact grown ...]
         [--colour-jitter 45]
-        [--methods brushnet+blend blended-latent masked-image] [--model DIR] [--brushnet DIR] [--json FILE]
+        [--methods brushnet+blend blended-latent masked-image vae-roundtrip] [--model DIR] [--brushnet DIR]
+        [--vae DIR] [--json FILE]
     python bench/demo_quality.py --merge first.json second.json   # runs over disjoint scenes, one table
 """
 
@@ -62,9 +66,10 @@ from brushnet.loading import load_pipeline
 from brushnet.pipelines.blending import blend
 from brushnet.schedulers import make_scheduler
 
-METHODS = ("brushnet+blend", "blended-latent", "masked-image")
+METHODS = ("brushnet+blend", "blended-latent", "masked-image", "vae-roundtrip")
 KINDS = ("exact", "grown", "box", "stroke-across", "background-stroke", "removal")
 DEFAULT_KINDS = KINDS[:5]
+BROKEN_DOWN = ("brushnet+blend", "vae-roundtrip")  # the methods whose losses `breakdown` locates
 SHAPE_TARGET, BACKGROUND_TARGET = 0.8, 0.9  # the issue's adherence thresholds
 
 
@@ -151,6 +156,13 @@ def blended_latent_inpaint(pipe, image, mask, prompt, steps, guidance, seed) -> 
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
+@torch.no_grad()
+def vae_roundtrip(pipe, image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` through the VAE and back (its latent's mode): what a perfect generator would decode."""
+    latents = pipe.vae.encode(to_tensor(image).to(pipe.vae.dtype)).latent_dist.mode()
+    return pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil")[0]
+
+
 def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     """PSNR (dB) per channel over the pixels of `where`, images in [0, 255] -> [0, 1]."""
     mse = float(np.mean(((a[where].astype(np.float64) - b[where]) / 255) ** 2))
@@ -228,7 +240,8 @@ def merge(paths: list[str]) -> None:
             if len(set(scenes)) != len(scenes):
                 raise SystemExit(f"error: the files score some scenes twice ({method}); merge runs over disjoint scenes.")
     report(rows)
-    breakdown(rows)
+    for method in BROKEN_DOWN:
+        breakdown(rows, method)
 
 
 def main():
@@ -241,7 +254,9 @@ def main():
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
+    parser.add_argument("--vae", help="a VAE folder to decode with instead of MODEL/vae (its encoder must be the "
+                                      "model's for brushnet+blend and blended-latent to mean anything)")
     parser.add_argument("--prompt", default="shape", choices=["shape", "scene"])
     parser.add_argument("--colour-jitter", type=int, default=0, metavar="N",
                         help="draw the held-out scenes in shades up to N per channel off the palette "
@@ -256,6 +271,10 @@ def main():
     pipe = load_pipeline(args.model, args.brushnet or f"{args.model}/brushnet", torch_dtype=torch.float32)
     # The CLI's default --scheduler (UniPC ending at sigma_min), not the folder's own config.
     pipe.scheduler = make_scheduler("unipc", pipe.scheduler.config)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32))
     pipe.set_progress_bar_config(disable=True)
     kernel = default_blend_kernel(pipe)
 
@@ -282,6 +301,8 @@ def main():
                     result = blend(scene.image, raw, mask, kernel)
                 elif method == "blended-latent":
                     result = blended_latent_inpaint(pipe, scene.image, mask, prompt, args.steps, args.guidance, number)
+                elif method == "vae-roundtrip":
+                    result = blend(scene.image, vae_roundtrip(pipe, scene.image), mask, kernel)
                 else:
                     masked = np.asarray(scene.image).copy()
                     masked[hole] = 0
@@ -294,7 +315,8 @@ def main():
     print(f"held-out scenes {args.first}-{args.first + args.scenes - 1}, {args.steps} steps, guidance {args.guidance}, "
           f"prompt form {args.prompt!r}{jitter}\n")
     summary = report(rows)
-    breakdown(rows)
+    for method in BROKEN_DOWN:
+        breakdown(rows, method)
     images = sum(len(rows[k][m]) for k in args.kinds for m in args.methods) / max(len(args.methods), 1)
     print("\ns/image: " + ", ".join(f"{m} {seconds[m] / max(images, 1):.2f}" for m in args.methods))
     if any(skipped.values()):
