@@ -413,6 +413,15 @@ def test_info_on_a_folder_or_damaged_file(tmp_path, capsys):
     assert "is a folder" in _one_line_error(["info", str(tmp_path)], capsys)
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
     assert "cut.png" in _one_line_error(["info", str(tmp_path / "cut.png")], capsys)
+    # Parameters edited into something that is not save_png's object (a list was printed as if it were).
+    from PIL import Image, PngImagePlugin
+
+    for text in ("[1, 2]", "{not json"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("brushnet", text)
+        Image.new("RGB", (4, 4)).save(tmp_path / "edited.png", pnginfo=info)
+        assert "not a JSON object: it was edited or damaged" in _one_line_error(
+            ["info", str(tmp_path / "edited.png")], capsys)
 
 
 def test_the_file_system_saying_no_is_one_line(photo, models, tmp_path, capsys, monkeypatch):

@@ -185,6 +185,14 @@ def test_mask_command_writes_the_selection(tmp_path, models, segmenter, image, c
                  "--detector", str(models[1]), "--threshold", "0.5", "--out", str(words)]) == 0
     assert read_png_params(words)["text"] == ["a cat"]
 
+    # --out a folder (existing, or new and written with a trailing slash) holds IMAGE-mask.png, as
+    # inpaint's --out FOLDER holds its results.
+    for folder, argument in ((tmp_path, str(tmp_path)), (tmp_path / "new", f"{tmp_path / 'new'}/")):
+        assert main(["mask", str(tmp_path / "photo.png"), "--segmenter", str(models[0]), "--point", "66,18",
+                     "--out", argument]) == 0
+        assert np.array_equal(np.asarray(Image.open(folder / "photo-mask.png")), np.asarray(
+            select_mask(image, segmenter, points=[(66, 18)])))
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--point", "5,5"], "need --segmenter"),

@@ -2,6 +2,7 @@
 --negative-point, --box and --text, turned into a mask by --segmenter (SAM) and --detector."""
 
 import argparse
+import os
 from pathlib import Path
 
 from .options import UserError, prepare_output_folders, resolve_device, user_checked
@@ -57,7 +58,7 @@ def add_mask_command(commands) -> None:
     add_selection_options(parser)
     parser.add_argument("--dilate", type=int, default=0, metavar="PX", help="grow the mask by PX pixels")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--out", "-o", metavar="MASK.png", help="output PNG (default IMAGE-mask.png)")
+    parser.add_argument("--out", "-o", metavar="MASK.png", help="output PNG, or a folder to write IMAGE-mask.png in (default IMAGE-mask.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=cmd_mask)
 
@@ -147,6 +148,9 @@ def cmd_mask(args) -> int:
     check_selection_args(args)
     image_path = Path(args.image)
     out = Path(args.out) if args.out else Path(f"{image_path.stem}-mask.png")
+    if args.out and (out.is_dir() or args.out.endswith(("/", os.sep))):
+        # A folder, as inpaint's --out may be: the mask goes into it under its default name.
+        out = out / f"{image_path.stem}-mask.png"
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: masks are written as PNG; give a .png name")
     if out.exists() and not args.overwrite:

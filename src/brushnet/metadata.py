@@ -74,10 +74,12 @@ def read_png_params(path: str | os.PathLike) -> dict:
     if text is None:
         raise ValueError(f"{path} carries no brushnet generation parameters.")
     try:
-        return json.loads(text)
+        params = json.loads(text)
     except json.JSONDecodeError:
-        raise ValueError(f"{path} has brushnet parameters that are not valid JSON: it was edited or damaged.") \
-            from None
+        params = None
+    if not isinstance(params, dict):  # save_png writes an object; anything else was edited in
+        raise ValueError(f"{path} has brushnet parameters that are not a JSON object: it was edited or damaged.")
+    return params
 
 
 def model_fingerprint(source) -> str:
