@@ -178,9 +178,10 @@ def grown_brushnet(out: Path, source: str) -> str:
 
     from brushnet import BrushNetModel
 
-    base_unet = UNet2DConditionModel.from_pretrained(base_folder(out) / "unet", torch_dtype=torch.float32)
-    source_model = BrushNetModel.from_pretrained(source, torch_dtype=torch.float32)
-    levels = len(source_model.config.down_block_types), len(base_unet.config.down_block_types)
+    # The configs tell the levels apart; the weights load only when a seed is to be made (the trainer
+    # loads the BrushNet itself).
+    levels = (len(BrushNetModel.load_config(source)["down_block_types"]),
+              len(UNet2DConditionModel.load_config(base_folder(out) / "unet")["down_block_types"]))
     if levels[0] == levels[1]:
         return source
     if levels != (3, 4):
@@ -188,6 +189,8 @@ def grown_brushnet(out: Path, source: str) -> str:
                          f"{levels[1]}")
     target = out / "brushnet-seed"
     if not target.exists():
+        base_unet = UNet2DConditionModel.from_pretrained(base_folder(out) / "unet", torch_dtype=torch.float32)
+        source_model = BrushNetModel.from_pretrained(source, torch_dtype=torch.float32)
         model = BrushNetModel.from_unet(base_unet)
         model.register_to_config(mask_downsampling=source_model.config.mask_downsampling)
         state = grown_brushnet_state(source_model.state_dict())

@@ -58,7 +58,8 @@ def add_mask_command(commands) -> None:
     add_selection_options(parser)
     parser.add_argument("--dilate", type=int, default=0, metavar="PX", help="grow the mask by PX pixels")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--out", "-o", metavar="MASK.png", help="output PNG, or a folder to write IMAGE-mask.png in (default IMAGE-mask.png)")
+    parser.add_argument("--out", "-o", metavar="MASK.png",
+                        help="output PNG, or a folder to write IMAGE-mask.png in (default IMAGE-mask.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=cmd_mask)
 
@@ -97,13 +98,13 @@ def check_selection_args(args, mask_given: bool = False) -> None:
 def selected_mask(args, image, dilate: int | None = None):
     """The mask (255 = fill, the image's size) of the selection on the command line, grown by
     `dilate` pixels (default --dilate)."""
-    from .arguments import check_number
     from .segmentation import Detector, Segmenter, build_prompts, select_mask
+    from .segmentation.select import check_dilate
 
     user_checked(build_prompts, image.size, args.point, args.negative_point, args.box, has_text=bool(args.text))
     dilate = args.dilate if dilate is None else dilate
-    # The bound select_mask sets, checked here under the flag's name and before the models load.
-    user_checked(check_number, dilate, "--dilate", low=0, high=max(image.size), integer=True)
+    # select_mask's own check, here under the flag's name and before the models load.
+    user_checked(check_dilate, dilate, image.size, "--dilate")
     device = resolve_device(args.device)
     segmenter = user_checked(Segmenter.from_pretrained, args.segmenter, device)
     detector = user_checked(Detector.from_pretrained, args.detector, device) if args.text else None

@@ -32,6 +32,12 @@ def build_prompts(size: tuple[int, int], points=(), negative_points=(), boxes=()
     return prompts
 
 
+def check_dilate(dilate, image_size: tuple[int, int], name: str = "dilate") -> int:
+    """`dilate` if it is a whole number of pixels the mask may grow by on an image of `image_size`
+    (at most its longer side), else a ValueError naming `name`."""
+    return check_number(dilate, name, low=0, high=max(image_size), integer=True)
+
+
 def select_mask(image: PIL.Image.Image, segmenter: Segmenter, *, points=(), negative_points=(), boxes=(),
                 text=(), detector: Detector | None = None, threshold: float = BOX_THRESHOLD,
                 dilate: int = 0) -> PIL.Image.Image:
@@ -42,7 +48,7 @@ def select_mask(image: PIL.Image.Image, segmenter: Segmenter, *, points=(), nega
     Points are (x, y) and boxes (x0, y0, x1, y1) in the image's pixels.
     """
     phrases = split_phrases(list(text))
-    dilate = check_number(dilate, "dilate", low=0, high=max(image.size), integer=True)
+    dilate = check_dilate(dilate, image.size)
     prompts = build_prompts(image.size, points, negative_points, boxes, has_text=bool(phrases))
     if phrases:
         if detector is None:
