@@ -454,3 +454,22 @@ def test_every_scheduler_takes_the_usual_step_counts(pipe, base, scheduler):
             assert np.isfinite(out).all() and out.std() > 0
     finally:
         pipe.scheduler = original
+
+
+@pytest.mark.parametrize("argv, prog, message", [
+    (["inpaint", "a.png", "m.png", "--steps", "abc"], "brushnet inpaint", "argument --steps: invalid int value: 'abc'"),
+    (["outpaint"], "brushnet outpaint", "the following arguments are required: IMAGE"),
+    (["inpaint", "a.png", "m.png", "--scheduler"], "brushnet inpaint", "argument --scheduler: expected one argument"),
+    # left over after every subcommand's parser: the top one reports it
+    (["inpaint", "a.png", "m.png", "--stpes", "5"], "brushnet", "unrecognized arguments: --stpes 5"),
+    (["inpant", "a.png"], "brushnet", "argument COMMAND: invalid choice: 'inpant'"),
+])
+def test_argument_mistakes_are_one_line_pointing_at_help(capsys, argv, prog, message):
+    # argparse's own errors used to print the whole usage block (a dozen lines) above the one that says
+    # what is wrong.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: {message}"), err
+    assert err[0].endswith(f"(see {prog} --help)"), err

@@ -113,6 +113,8 @@ def test_demo_command_writes_scene_mask_and_result(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "0"], "--steps must be a whole number in [1, 1000]; got 0"),
+    # the scheduler's own refusal: two of 1000 steps would fall on one noise level
+    (["--steps", "1000"], "1000 denoising steps are more than this scheduler can space"),
     (["--seed", "-5"], "--seed must be a whole number in [0, "),
     (["--prompt", "  "], "--prompt is required"),
 ])

@@ -418,6 +418,7 @@ def test_learning_rate_at_each_step(golden, data, tmp_path, monkeypatch, caplog,
     ("--max_grad_norm", "0"), ("--max_grad_norm", "inf"), ("--ema_decay", "1.5"), ("--ema_decay", "0"),
     ("--masked_loss_weight", "-1"), ("--masked_loss_weight", "nan"), ("--seed", "-1"), ("--seed", str(2**32)),
     ("--shuffle_buffer", "-1"), ("--crops_coords_top_left_h", "-1"), ("--lr_scheduler", "cosine_annealing"),
+    ("--report_to", "tensorbord"),
 ])
 def test_numeric_options_are_checked_before_anything_loads(golden, data, tmp_path, monkeypatch, capsys,
                                                            option, value):

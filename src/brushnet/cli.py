@@ -9,9 +9,11 @@ from pathlib import Path
 
 from . import __version__
 from .options import (
+    CommandLineParser,
     UserError,
     add_model_options,
     check_generation_args,
+    check_steps_fit_scheduler,
     join_signed_numbers,
     load_pipeline_from_args,
     model_params,
@@ -25,7 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # -- argument parsing ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="brushnet", description="BrushNet text-guided inpainting (Ju et al., ECCV 2024) on stock diffusers.")
     parser.add_argument("--version", action="version", version=f"brushnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -322,6 +324,9 @@ def cmd_demo(args) -> int:
     # Checked before the scene and mask are written: they would otherwise stay behind and make
     # the corrected command refuse to replace them.
     check_generation_args(inpaint_args)
+    from .demo.model import DEMO_MODEL_DIR
+
+    check_steps_fit_scheduler(inpaint_args.steps, inpaint_args.scheduler, DEMO_MODEL_DIR)
     _require_prompt(prompt)
     prepare_output_folders(list(paths.values()))
     from .metadata import save_png

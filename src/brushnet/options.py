@@ -6,6 +6,7 @@ It imports nothing heavy at module level, and neither `cli.py`, `serve/` nor `ev
 them imports this module, never one another.
 """
 
+import argparse
 import dataclasses
 import os
 import re
@@ -24,6 +25,15 @@ SETTINGS_FLAGS = ("negative_prompt", "steps", "guidance", "scale", "start", "end
 
 class UserError(ValueError):
     """A mistake in the command line, reported as one line without a traceback."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with its own mistakes (a word where a number goes, a missing argument, an unknown
+    flag) reported as the one line every other mistake gets, pointing at --help, instead of the
+    whole usage block above it. Subcommands' parsers are made of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # A number with a leading minus that argparse takes for an option name: it only knows "-5" and
@@ -110,6 +120,18 @@ def check_generation_args(args) -> None:
         user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
     if getattr(args, "scheduler", None) is not None:
         check_scheduler(args.scheduler)
+
+
+def check_steps_fit_scheduler(steps: int, scheduler: str, model_dir) -> None:
+    """--steps against the --scheduler made from the model in `model_dir`'s scheduler config:
+    the sampler's own refusal (two steps on one noise level), made before anything is written."""
+    from .arguments import check_schedule
+    from .schedulers import SCHEDULERS, make_scheduler
+
+    config = SCHEDULERS[scheduler][0].load_config(Path(model_dir) / "scheduler")  # any kind's config file
+    sampler = make_scheduler(scheduler, config)
+    sampler.set_timesteps(steps)
+    user_checked(check_schedule, sampler.timesteps, getattr(sampler, "sigmas", None))
 
 
 def prepare_output_folders(paths) -> None:

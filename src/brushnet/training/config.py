@@ -102,7 +102,10 @@ def _value_type(annotation):
 
 
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="brushnet train", description="Train a BrushNet.")
+    if parser is None:
+        from ..options import CommandLineParser
+
+        parser = CommandLineParser(prog="brushnet train", description="Train a BrushNet.")
     for f in fields(TrainConfig):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         names += _ALIASES.get(f.name, [])
@@ -177,6 +180,9 @@ def check_options(config: TrainConfig) -> None:
     if config.mask_downsampling is not None:
         check_mask_downsampling(config.mask_downsampling, "--mask_downsampling")
     check_choice(config.lr_scheduler, LR_SCHEDULERS, "--lr_scheduler")
+    from accelerate.utils import LoggerType
+
+    check_choice(config.report_to, ("none", *(kind.value for kind in LoggerType)), "--report_to")
     if config.lr_scheduler == "polynomial" and config.learning_rate <= 1e-7:
         raise ValueError("--lr_scheduler polynomial decays to 1e-7: give a --learning_rate above it; "
                          f"got {config.learning_rate}.")
