@@ -57,6 +57,19 @@ def test_build_runs_every_stage_and_resumes(tmp_path):
     assert all(torch.equal(trained[k].half(), assembled[k]) for k in encoder)
     assert not all(torch.equal(trained[k].half(), assembled[k]) for k in decoder)
 
+    # A snapshot saves the base stage's checkpoint as a base folder (a BrushNet can start against a
+    # base still training); here that checkpoint is the finished base's, step 2.
+    snapshot = subprocess.run([*command[:3], "--stage", "snapshot"], capture_output=True, text=True, env=env,
+                              timeout=300)
+    assert snapshot.returncode == 0 and "the base at step 2" in snapshot.stdout, snapshot.stderr[-2000:]
+    for part in ("unet", "text_encoder"):
+        [ours] = (out / "base-at-2" / part).glob("*.safetensors")
+        [theirs] = (out / "base" / part).glob("*.safetensors")
+        first, second = load_file(ours), load_file(theirs)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), part
+    assert (out / "base-at-2" / "scheduler" / "scheduler_config.json").read_text() == \
+        (out / "base" / "scheduler" / "scheduler_config.json").read_text()
+
     # --base-from a base folder starts from its weights (0 steps: saved as loaded).
     again = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "more"), "--stage", "base", "--device", "cpu",
                             "--scenes", "8", "--base-from", str(out / "base"), "--base-steps", "0"],

@@ -62,7 +62,9 @@ together with an SD1.5-shaped UNet (epsilon prediction, 10 % empty captions) and
 StableDiffusionPipeline folder; `decoder` (only with --decoder-steps) sharpens the VAE's decoder;
 `brushnet` runs `brushnet.training.train` on it with the scenes'
 segmentation masks; `assemble` writes the BrushNet pipeline folder the package ships, its
-weights stored in float16.
+weights stored in float16. `snapshot` (only when asked for) saves the base stage's checkpoint as
+it stands as OUT/base-at-STEP, a base folder a BrushNet can start training against while the
+base trains on, on the other core.
 """
 
 import argparse
@@ -378,7 +380,7 @@ def pick_caption(captions: dict, generator: torch.Generator) -> str:
 
 
 def stage_base(out: Path, args, device):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+    from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     tokenizer = write_tokenizer(out / "tokenizer")
@@ -400,8 +402,7 @@ def stage_base(out: Path, args, device):
         load_base_unet(unet, UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32))
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
             source / "text_encoder", torch_dtype=torch.float32).state_dict())
-    noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    steps_offset=1)
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     # The VAE is frozen here: encode every scene once (mean and log-variance) instead of every step.
     moments, all_captions, _ = encode_scenes(vae, out / "data", device)
     if args.base_captions == "partial":
@@ -428,10 +429,43 @@ def stage_base(out: Path, args, device):
 
     train_steps("base", out, {"unet": unet, "text_encoder": text_encoder}, args.base_steps, args.base_lr, step, device,
                 schedule=args.base_schedule)
-    scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(out / "base")
+    save_base(out / "base", vae, text_encoder, tokenizer, unet)
+
+
+def save_base(target: Path, vae, text_encoder, tokenizer, unet) -> None:
+    """The base as a StableDiffusionPipeline folder (UniPC over the training noise schedule), written
+    whole under a temporary name first: a folder cut short never passes for a base."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_config(DDPMScheduler(**NOISE_SCHEDULE).config)
+    partial = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(partial)
+    partial.rename(target)
+
+
+def stage_snapshot(out: Path, device) -> Path:
+    """OUT/base-at-STEP: the base stage's checkpoint (OUT/base.pt) as it stands, saved as a base folder,
+    so that a BrushNet can start training against a base that is still training (on the other core)."""
+    from diffusers import AutoencoderKL
+
+    checkpoint = out / "base.pt"
+    if not checkpoint.exists():
+        raise SystemExit(f"snapshot: no {checkpoint}: run the base stage in {out} first (it checkpoints every "
+                         "100 steps)")
+    state = torch.load(checkpoint, map_location=device)
+    target = out / f"base-at-{state['step']}"
+    if not target.exists():
+        tokenizer = write_tokenizer(out / "tokenizer")
+        vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32)
+        text_encoder, unet = base_models(tokenizer, latent_size_of(vae))
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        save_base(target, vae, text_encoder, tokenizer, unet)
+    print(f"snapshot: the base at step {state['step']} in {target}", flush=True)
+    return target
 
 
 def copy_once(source: Path, target: Path) -> None:
@@ -512,8 +546,10 @@ def stage_assemble(out: Path, install: bool):
         print(f"installed into {DEMO_MODEL_DIR}", flush=True)
 
 
-# The stages in the order `--stage all` runs them.
+# The stages in the order `--stage all` runs them; `snapshot` only when asked for.
 STAGES = ("data", "vae", "base", "decoder", "brushnet", "assemble")
+# The training noise schedule (SD1.5's), which the saved base's sampler follows.
+NOISE_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 # How a stage's learning rate moves over its run (train_steps' `schedule`; the trainer's --lr_scheduler).
 LR_SCHEDULES = ("constant", "linear")
 
@@ -521,7 +557,7 @@ LR_SCHEDULES = ("constant", "linear")
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--stage", default="all", choices=["all", *STAGES])
+    parser.add_argument("--stage", default="all", choices=["all", *STAGES, "snapshot"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scenes", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32, help="batch of the base and BrushNet stages")
@@ -596,6 +632,8 @@ def main():
             stage_brushnet(args.out, args, args.device)
         elif stage == "assemble":
             stage_assemble(args.out, args.install)
+        elif stage == "snapshot":
+            stage_snapshot(args.out, args.device)
 
 
 if __name__ == "__main__":
