@@ -108,3 +108,23 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "golden cases: max relative error")
         for name, error in sorted(GOLDEN_ERRORS.items()):
             terminalreporter.write_line(f"{name:24s} {error:.2e}")
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub as on a machine without a network: HF_HUB_OFFLINE (set above for every test) and
+    proxies unset, and the reachability probe answering "unreachable". A request that slips past
+    local_files_only then retries for 20-30 s with a warning per try, so tests time the load and
+    read stderr. Returns the list of probe calls."""
+    from huggingface_hub import constants
+
+    from brushnet import hub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *hub.PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+    monkeypatch.setattr(hub, "endpoint_reachable", lambda *args, **kwargs: calls.append(args) or False)
+    return calls
+

@@ -359,6 +359,23 @@ def test_server_and_device_options(argv, message, photo, capsys, monkeypatch):
     assert message in _one_line_error(argv, capsys)
 
 
+def test_a_hub_that_cannot_be_reached_is_one_line_at_once(photo, tmp_path, unreachable_hub, capfd):
+    # Without a network huggingface_hub retried for half a minute, printing a warning line per try.
+    image, mask = photo
+    commands = (["inpaint", str(image), str(mask), "-p", "x", "--base", "some-org/uncached-base", "--brushnet",
+                 "some-org/uncached-brushnet", "--out", str(tmp_path / "o.png")],
+                ["mask", str(image), "--point", "5,5", "--segmenter", "some-org/uncached-sam",
+                 "--out", str(tmp_path / "selected.png")])
+    for argv in commands:
+        capfd.readouterr()
+        assert main(argv) == 2, argv
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("brushnet: error: "), lines
+        assert "could not be reached" in lines[0] and "some-org/uncached-" in lines[0], lines
+    assert unreachable_hub
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "selected.png").exists()
+
+
 def test_the_command_line_starts_without_importing_torch():
     # `brushnet --help` is instant, and Ctrl-C while the parser is built has nothing heavy to interrupt.
     code = "import sys, brushnet.cli; brushnet.cli.build_parser(); print('torch' in sys.modules)"

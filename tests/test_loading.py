@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
-from brushnet import loading
+from brushnet import hub, loading
 from brushnet.loading import (
     ModelLoadError,
     brushnet_config_from_state_dict,
@@ -20,6 +23,7 @@ from brushnet.loading import (
     load_pipeline,
 )
 
+from hub_cache import put_in_hub_cache
 from ldm_checkpoint import write_sd15_single_file
 
 FAMILIES = {"sd15": "sd15_tiny_model", "sdxl": "sdxl_tiny_model"}
@@ -272,6 +276,138 @@ def test_hub_id_offline_is_one_clear_line():
     with pytest.raises(ModelLoadError) as error:
         load_brushnet("some-org/some-brushnet-that-is-not-cached")
     _assert_one_line(error, "some-org/some-brushnet-that-is-not-cached", "Hub could not be reached", "local folder")
+
+
+# -- a hub that cannot be reached --------------------------------------------------------------
+# A hub request that goes out without a network retries for 20-30 s, a warning line per try: the
+# tests below check that none goes out (local_files_only on every request, no retry lines).
+
+def _retry_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "thrown while requesting" in line or "Retrying in" in line]
+
+
+def test_unreachable_hub_fails_at_once_with_local_files_only(golden, unreachable_hub, monkeypatch, capfd):
+    import huggingface_hub
+
+    requests = []
+    download = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *args, **kwargs: requests.append(kwargs) or download(*args, **kwargs))
+    base, brushnet = golden(PIPELINES["sd15"]).dir, _brushnet_dir(golden, "sd15")
+    calls = [
+        (lambda: load_brushnet("some-org/uncached-brushnet"), "BrushNet 'some-org/uncached-brushnet'"),
+        (lambda: detect_base_family("some-org/uncached-base"), "base model 'some-org/uncached-base'"),
+        (lambda: loading.check_model_pair("some-org/uncached-base", brushnet), "base model 'some-org/uncached-base'"),
+        (lambda: load_pipeline("some-org/uncached-base", brushnet), "base model 'some-org/uncached-base'"),
+        (lambda: load_pipeline(base, "some-org/uncached-brushnet"), "BrushNet 'some-org/uncached-brushnet'"),
+    ]
+    capfd.readouterr()
+    for call, what in calls:
+        with pytest.raises(ModelLoadError) as error:
+            call()
+        _assert_one_line(error, what, "Hub could not be reached")
+    assert unreachable_hub, "the probe was not asked"
+    assert len(requests) == len(calls) and all(kwargs.get("local_files_only") for kwargs in requests), requests
+    assert capfd.readouterr().err == ""  # no huggingface_hub warning besides our error
+
+
+def test_unreachable_hub_loads_cached_models_at_once(golden, unreachable_hub, tmp_path, capfd):
+    put_in_hub_cache(tmp_path, "test-org/tiny-base", golden(PIPELINES["sd15"]).dir)
+    put_in_hub_cache(tmp_path, "test-org/tiny-brushnet", _brushnet_dir(golden, "sd15"))
+    capfd.readouterr()
+    assert detect_base_family("test-org/tiny-base", cache_dir=str(tmp_path)) == "sd15"
+    pipe = load_pipeline("test-org/tiny-base", "test-org/tiny-brushnet", cache_dir=str(tmp_path))
+    assert unreachable_hub
+    assert not _retry_lines(capfd.readouterr().err)
+    assert type(pipe) is StableDiffusionBrushNetPipeline
+    _assert_state_dicts_equal(pipe.brushnet.state_dict(), _golden_state_dict(golden, "sd15"))
+
+
+def test_local_sources_never_probe_the_hub(golden, unreachable_hub):
+    base, brushnet = golden(PIPELINES["sd15"]).dir, _brushnet_dir(golden, "sd15")
+    assert detect_base_family(base) == "sd15"
+    load_pipeline(base, brushnet)
+    assert unreachable_hub == []
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"])
+def test_a_proxy_is_trusted_not_probed(unreachable_hub, monkeypatch, variable):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    requests = []
+
+    def no_network(*args, **kwargs):
+        requests.append(kwargs)
+        raise LocalEntryNotFoundError("no network in this test")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setenv(variable, "http://proxy.invalid:3128")
+    with pytest.raises(ModelLoadError, match="could not be reached"):
+        load_brushnet("some-org/some-brushnet")
+    assert unreachable_hub == [] and requests == [{}]  # fetched through the proxy: no local_files_only
+    monkeypatch.delenv(variable)
+    with pytest.raises(ModelLoadError, match="could not be reached"):
+        load_brushnet("some-org/some-brushnet")
+    assert len(unreachable_hub) == 1 and requests[1] == {"local_files_only": True}
+
+
+def test_proxies_or_offline_mode_skip_the_probe(unreachable_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    proxies = {"https": "http://proxy.invalid:3128"}
+    assert loading._local_only_if_unreachable({"proxies": proxies}, "some-org/model") == {"proxies": proxies}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # huggingface_hub makes no request at all
+    assert loading._local_only_if_unreachable({}, "some-org/model") == {}
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert loading._local_only_if_unreachable({}, "some-org/model") == {}
+    assert unreachable_hub == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert loading._local_only_if_unreachable({}, "some-org/model") == {"local_files_only": True}
+    assert len(unreachable_hub) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_probe_finds_a_closed_port_at_once_and_keeps_its_answer(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(hub, "_probed", {})
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert hub.endpoint_reachable() is True
+    assert hub.endpoint_reachable() is True  # closed by now, but the answer is kept for a while
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    start = time.monotonic()
+    assert hub.endpoint_reachable() is False
+    assert time.monotonic() - start < hub.PROBE_TIMEOUT_S  # refused at once, not timed out
+
+
+def test_the_probe_gives_up_on_a_name_lookup_that_hangs(monkeypatch):
+    from huggingface_hub import constants
+
+    release = threading.Event()
+
+    def hang(*args, **kwargs):  # a resolver that does not answer
+        release.wait(10)
+        raise OSError("lookup timed out")
+
+    monkeypatch.setattr(hub, "_probed", {})
+    monkeypatch.setattr(hub.socket, "create_connection", hang)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example")
+    start = time.monotonic()
+    try:
+        assert hub.endpoint_reachable(timeout=0.3) is False
+        assert time.monotonic() - start < 5.0  # given up after its timeout, not the lookup's 10 s
+    finally:
+        release.set()
 
 
 def test_brushnet_folder_and_pipeline_folder(golden):

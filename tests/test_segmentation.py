@@ -12,6 +12,7 @@ from brushnet.masks import load_mask
 from brushnet.metadata import read_png_params
 from brushnet.segmentation import Detector, NothingFound, Segmenter, select_mask
 
+from hub_cache import put_in_hub_cache
 from segmentation_models import save_tiny_grounding_dino, save_tiny_sam
 
 WIDTH, HEIGHT = 90, 40  # not square, so a swapped or unscaled coordinate shows
@@ -158,6 +159,34 @@ def test_a_checkpoint_file_or_a_folder_missing_its_weights_is_one_sentence(model
         with pytest.raises(ValueError) as error:
             cls.from_pretrained(str(folder))
         assert str(error.value).startswith(f"{flag} {folder}: cannot load it (") and "\n" not in str(error.value)
+
+
+def test_an_uncached_hub_id_is_one_line_at_once_when_the_hub_cannot_be_reached(unreachable_hub, capfd):
+    # Without the probe, transformers retried for half a minute, a warning line per try.
+    capfd.readouterr()
+    for cls, flag in ((Segmenter, "--segmenter"), (Detector, "--detector")):
+        with pytest.raises(ValueError) as error:
+            cls.from_pretrained("some-org/uncached-model")
+        message = str(error.value)
+        assert message.startswith(f"{flag} some-org/uncached-model is not a local folder") and "\n" not in message
+        assert "could not be reached" in message
+    assert unreachable_hub
+    assert capfd.readouterr().err == ""
+
+
+def test_cached_hub_models_load_at_once_when_the_hub_cannot_be_reached(models, unreachable_hub, tmp_path,
+                                                                        monkeypatch, capfd):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    put_in_hub_cache(tmp_path, "test-org/tiny-sam", models[0])
+    put_in_hub_cache(tmp_path, "test-org/tiny-dino", models[1])
+    capfd.readouterr()
+    segmenter = Segmenter.from_pretrained("test-org/tiny-sam")
+    detector = Detector.from_pretrained("test-org/tiny-dino")
+    assert unreachable_hub
+    assert "thrown while requesting" not in capfd.readouterr().err
+    assert segmenter.model.config.model_type == "sam" and detector.model.config.model_type == "grounding-dino"
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from . import hub
 from .models import BrushNetModel
 from .models import task_prompts
 from .pipelines import (
@@ -127,7 +128,7 @@ INPAINTING_IN_CHANNELS = 9
 
 # Attention layers inside the branch's blocks: the mark of PowerPaint's BrushNet.
 _ATTENTION_KEY = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = hub.HUB_ID
 # hub_kwargs that make sense for any repo; revision, subfolder and variant belong to one source.
 _SHARED_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
 
@@ -227,10 +228,20 @@ def _is_hub_id(source: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
+    return hub.hub_offline()
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env
+
+def _local_only_if_unreachable(hub_kwargs: dict, *sources) -> dict:
+    """`hub_kwargs`, with local_files_only=True when one of `sources` is fetched from the hub and the
+    hub cannot be reached (see hub.py): without it every config and weights request would retry for
+    half a minute before the cache answered or our one-line error came. Local sources never probe."""
+    if any(_from_hub(source) for source in sources):
+        return hub.local_only_if_unreachable(hub_kwargs)
+    return hub_kwargs
+
+
+def _from_hub(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and not Path(source).exists() and _is_hub_id(str(source))
 
 
 def _missing_path_error(source, what: str) -> ModelLoadError:
@@ -600,7 +611,8 @@ def load_brushnet(source: str | os.PathLike, *, torch_dtype=None, allow_pickle=F
     A PowerPaint v2 branch loads the same way (its folder, `PowerPaint_Brushnet/` or the folder
     above it); `brushnet.has_attention` tells it apart. The weights keep their values; they are
     cast to `torch_dtype` (default float32, as diffusers). Pickles without consent, missing paths
-    and an unreachable hub raise `ModelLoadError`.
+    and an unreachable hub raise `ModelLoadError`; when the hub cannot be reached at all, a hub id
+    loads from the local cache only (at once, instead of after half a minute of retries).
     """
     if isinstance(source, BrushNetModel):
         return source.to(torch_dtype) if torch_dtype is not None else source
@@ -610,7 +622,7 @@ def load_brushnet(source: str | os.PathLike, *, torch_dtype=None, allow_pickle=F
     if path.is_file():
         return _load_brushnet_file(path, torch_dtype, allow_pickle)
     if _is_hub_id(str(source)):
-        return _load_brushnet_hub(str(source), torch_dtype, hub_kwargs)
+        return _load_brushnet_hub(str(source), torch_dtype, _local_only_if_unreachable(hub_kwargs, source))
     raise _missing_path_error(source, "BrushNet")
 
 
@@ -788,7 +800,7 @@ def detect_base_family(source, *, allow_pickle: bool = False, **hub_kwargs) -> s
     or it has a `text_encoder_2`. A single-file (LDM/SGM layout) checkpoint is SDXL when it holds
     `conditioner.embedders.1.*` (SDXL's second text encoder).
     """
-    return _inspect_base(source, allow_pickle, hub_kwargs).family
+    return _inspect_base(source, allow_pickle, _local_only_if_unreachable(hub_kwargs, source)).family
 
 
 def _inspect_base(source, allow_pickle: bool, hub_kwargs: dict) -> _BaseInfo:
@@ -856,7 +868,8 @@ def check_model_pair(base, brushnet, *, allow_pickle=False, **hub_kwargs) -> _Ba
     headers only (no weights read): an inpainting (9-channel) base, or a BrushNet of the other family
     (when its family can be read without loading it), a pickle BrushNet without `allow_pickle`.
     Raises `ModelLoadError`."""
-    base_info = _inspect_base(base, allow_pickle, hub_kwargs)
+    # Only the base's configs are fetched here: a hub BrushNet is not looked into before loading.
+    base_info = _inspect_base(base, allow_pickle, _local_only_if_unreachable(hub_kwargs, base))
     _check_not_inpainting(base_info, base)
     if base_info.family != SD15 and is_powerpaint(brushnet):
         raise ModelLoadError(
@@ -905,7 +918,10 @@ def load_pipeline(
     branch text encoder is looked up beside it (`text_encoder_brushnet.safetensors`, the released
     `pytorch_model.bin`, or IOPaint's `text_encoder_brushnet/` + `tokenizer/`) unless
     `text_encoder_brushnet` names the file or folder. Its architecture is the base text encoder's.
+
+    When the hub cannot be reached (no network, no proxy), hub ids load from the local cache only.
     """
+    hub_kwargs = _local_only_if_unreachable(hub_kwargs, base, brushnet, base_config)
     base_info = check_model_pair(base, brushnet, allow_pickle=allow_pickle, **hub_kwargs)
     if is_powerpaint(brushnet):
         return _load_powerpaint_pipeline(base, brushnet, base_info, torch_dtype, allow_pickle, base_config,
@@ -990,6 +1006,9 @@ def _load_single_file_pipeline(pipeline_class, path: Path, base_info: _BaseInfo,
             f"Loading the single-file base {path} needs the diffusers configs of its model family, and the hub is "
             f"offline: pass base_config=<a local {FAMILY_NAMES[base_info.family]} diffusers folder>."
         )
+    if base_config is None:
+        # diffusers fetches the family's configs from the hub: from its cache alone when unreachable.
+        kwargs = hub.local_only_if_unreachable(kwargs)
     if base_config is not None and Path(base_config).is_dir():
         # The configs decide the architecture the weights are converted into: they must be the same family.
         config_family = _inspect_base(base_config, False, {}).family

@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 
 from .defaults import BOX_THRESHOLD, TEXT_THRESHOLD
-from .sam import _model_type, cannot_load, load_part
+from .sam import _model_type, cannot_load, hub_options, load_part
 
 
 def split_phrases(texts: list[str]) -> list[str]:
@@ -31,8 +31,12 @@ class Detector:
 
         example = "an open-vocabulary detector such as IDEA-Research/grounding-dino-tiny"
         model_type = _model_type(AutoConfig, source, "--detector", example)
+        options = hub_options(source, "--detector", example)
         try:
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
+            # The Auto classes look for a PEFT adapter config without passing local_files_only on
+            # (transformers 5): adapter_kwargs gives it to that look-up too.
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(source, **options,
+                                                                        adapter_kwargs=dict(options))
         except ValueError:
             raise ValueError(f"--detector {source} is a {model_type!r} model, not an open-vocabulary detector: give "
                              "one such as IDEA-Research/grounding-dino-tiny.") from None

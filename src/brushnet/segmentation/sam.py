@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .. import hub
 from ..arguments import check_number
 
 # SAM's prompt labels: 1 = the object is here, 0 = it is not.
@@ -117,10 +118,33 @@ def _model_type(auto_config, source: str, flag: str, example: str) -> str:
 def load_part(loader, source: str, flag: str, example: str):
     """`loader(source)` (a config, the weights, a processor), a missing or unreadable file one line
     naming the flag instead of transformers' paragraph."""
+    options = hub_options(source, flag, example)
     try:
-        return loader(source)
+        return loader(source, **options)
     except (OSError, ValueError) as error:
         raise cannot_load(error, source, flag, example) from None
+
+
+def hub_options(source: str, flag: str, example: str) -> dict:
+    """The from_pretrained options for `source`: `local_files_only=True` for a hub id when the hub
+    cannot be reached (transformers would retry for half a minute first). A hub id that is then
+    not in the local cache is one line at once."""
+    if not hub.looks_like_hub_id(source):
+        return {}
+    options = hub.local_only_if_unreachable({})
+    if (options or hub.hub_offline()) and not _cached(source):
+        raise ValueError(f"{flag} {source} is not a local folder, and the Hugging Face Hub could not be reached "
+                         f"(offline or no network) to fetch it: give a local folder of {example}.")
+    return options
+
+
+def _cached(source: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except ValueError:  # not a valid repo id (HFValidationError): transformers says what is wrong
+        return True
 
 
 def cannot_load(error: Exception, source: str, flag: str, example: str) -> ValueError:
