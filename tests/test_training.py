@@ -452,3 +452,22 @@ def test_processes_that_accelerate_cannot_join_are_refused(golden, data, tmp_pat
     with pytest.raises(ValueError, match="Launched as 2 processes.*ACCELERATE_USE_CPU=1"):
         train(config(golden, data, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cached_hub_base_trains_offline_without_retries(golden, data, tmp_path, unreachable_hub, monkeypatch,
+                                                          capfd):
+    # Every part of the base (configs, UNet, VAE, tokenizer, text encoder, scheduler) used to go to the
+    # hub first and retry for half a minute each, a warning line per try, before the cache answered.
+    from huggingface_hub import constants
+
+    from hub_cache import put_in_hub_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    put_in_hub_cache(tmp_path / "cache", "test-org/tiny-base", golden("sd15_tiny_pipeline").dir)
+    capfd.readouterr()
+    train(config(golden, data, tmp_path / "run", pretrained_model_name_or_path="test-org/tiny-base",
+                 max_train_steps=1))
+    assert unreachable_hub, "the probe was not asked"
+    err = capfd.readouterr().err
+    assert "thrown while requesting" not in err and "Retrying in" not in err, err
+    assert (tmp_path / "run" / "config.json").is_file()

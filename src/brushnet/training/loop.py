@@ -76,7 +76,8 @@ def train(config: TrainConfig) -> Path:
     unet, vae, text = base["unet"], base["vae"], base["text"]
     sdxl = text.sdxl
     noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler",
-                                                    revision=config.revision)
+                                                    **hub_options(config.pretrained_model_name_or_path,
+                                                                  config.revision))
     if config.brushnet_model_name_or_path:
         from ..loading import load_brushnet
 
@@ -315,28 +316,41 @@ class TextConditioning:
 def load_base_components(config: TrainConfig) -> dict:
     """The frozen parts of the base model: UNet, VAE, tokenizer(s) and text encoder(s)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ..loading import detect_base_family
 
-    base, revision = config.pretrained_model_name_or_path, config.revision
-    sdxl = detect_base_family(base) == "sdxl"
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision)
+    base = config.pretrained_model_name_or_path
+    options = hub_options(base, config.revision)
+    sdxl = detect_base_family(base, **options) == "sdxl"
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **options)
     if unet.config.in_channels != 4:
         raise ValueError(f"{base} has a {unet.config.in_channels}-channel UNet: BrushNet trains on a plain "
                          "text-to-image base, not an inpainting model.")
     if config.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
+        vae_source = config.pretrained_vae_model_name_or_path
+        vae = AutoencoderKL.from_pretrained(vae_source, **hub_options(vae_source))
     else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision)
-    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision, use_fast=False)]
-    encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision)]
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **options)
+    # CLIPTokenizer, the class every SD1.5 and SDXL base names for both its tokenizers (what AutoTokenizer
+    # resolves to), asked for by name: AutoTokenizer first looks for a model config.json in the tokenizer
+    # folder, which no base has, and from a hub cache without a network that look-up fails.
+    tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **options)]
+    encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **options)]
     if sdxl:
-        tokenizers.append(AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=revision,
-                                                        use_fast=False))
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
-                                                                    revision=revision))
+        tokenizers.append(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **options))
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **options))
     return {"unet": unet, "vae": vae, "text": TextConditioning(tokenizers, encoders, sdxl)}
+
+
+def hub_options(source, revision: str | None = None) -> dict:
+    """from_pretrained options for a base part: the revision, and for a hub id when the hub cannot be
+    reached, local_files_only (each of the parts' files would otherwise retry for half a minute
+    before the cache answered; brushnet.hub)."""
+    from .. import hub
+
+    options = {"revision": revision} if revision else {}
+    return hub.local_only_if_unreachable(options) if hub.looks_like_hub_id(source) else options
 
 
 def make_optimizer(params, config: TrainConfig, learning_rate: float):
