@@ -227,10 +227,6 @@ def _is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not source.endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
 
 
-def _hub_offline() -> bool:
-    return hub.hub_offline()
-
-
 def _local_only_if_unreachable(hub_kwargs: dict, *sources) -> dict:
     """`hub_kwargs`, with local_files_only=True when one of `sources` is fetched from the hub and the
     hub cannot be reached (see hub.py): without it every config and weights request would retry for
@@ -241,7 +237,9 @@ def _local_only_if_unreachable(hub_kwargs: dict, *sources) -> dict:
 
 
 def _from_hub(source) -> bool:
-    return isinstance(source, (str, os.PathLike)) and not Path(source).exists() and _is_hub_id(str(source))
+    # hub.looks_like_hub_id, less the weight-file names (org/model.safetensors) that load_brushnet
+    # reports as a missing path rather than fetch.
+    return hub.looks_like_hub_id(source) and _is_hub_id(str(source))
 
 
 def _missing_path_error(source, what: str) -> ModelLoadError:
@@ -1001,7 +999,7 @@ def _load_transformers_folder(model_class, folder: Path, torch_dtype):
 
 
 def _load_single_file_pipeline(pipeline_class, path: Path, base_info: _BaseInfo, base_config, kwargs: dict):
-    if base_config is None and _hub_offline():
+    if base_config is None and hub.hub_offline():
         raise ModelLoadError(
             f"Loading the single-file base {path} needs the diffusers configs of its model family, and the hub is "
             f"offline: pass base_config=<a local {FAMILY_NAMES[base_info.family]} diffusers folder>."
