@@ -477,8 +477,10 @@ def test_every_scheduler_takes_the_usual_step_counts(pipe, base, scheduler):
     (["inpaint", "a.png", "m.png", "--steps", "abc"], "brushnet inpaint", "argument --steps: invalid int value: 'abc'"),
     (["outpaint"], "brushnet outpaint", "the following arguments are required: IMAGE"),
     (["inpaint", "a.png", "m.png", "--scheduler"], "brushnet inpaint", "argument --scheduler: expected one argument"),
-    # left over after every subcommand's parser: the top one reports it
-    (["inpaint", "a.png", "m.png", "--stpes", "5"], "brushnet", "unrecognized arguments: --stpes 5"),
+    # left over after a subcommand's parser: that subcommand's --help is where the right spelling is
+    (["inpaint", "a.png", "m.png", "--stpes", "5"], "brushnet inpaint", "unrecognized arguments: --stpes 5"),
+    (["train", "--output_dir", "o", "--bogus"], "brushnet train", "unrecognized arguments: --bogus"),
+    (["--bogus", "info", "a.png"], "brushnet", "unrecognized arguments: --bogus"),
     (["inpant", "a.png"], "brushnet", "argument COMMAND: invalid choice: 'inpant'"),
 ])
 def test_argument_mistakes_are_one_line_pointing_at_help(capsys, argv, prog, message):

@@ -32,6 +32,9 @@ from brushnet.masks import rle_encode
 from brushnet.metadata import read_png_params
 from brushnet.processes import ProcessInfo, shard
 
+from hub_cache import put_in_hub_cache
+
+
 def _auto_cpu_dtype() -> str:
     from brushnet.options import resolve_dtype
 
@@ -416,6 +419,37 @@ def test_aesthetic_head_full_size_layout(tmp_path):
         torch.save(bad, path)
         with pytest.raises(ValueError, match=message):
             AestheticHead.from_file(path)
+
+
+def test_hub_weights_load_from_the_cache_at_once_when_the_hub_cannot_be_reached(
+        unreachable_hub, clip_dir, aesthetic_file, tmp_path, monkeypatch, capfd):
+    # Without the probe, an hf:// file or a CLIP hub id retried for half a minute, a warning line per
+    # try, before its cached copy was used or the one-line error came.
+    from huggingface_hub import constants
+
+    from brushnet.evaluation.weights import resolve_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    shutil.copy(aesthetic_file, heads / "head16.pth")
+    put_in_hub_cache(tmp_path, "test-org/heads", heads)
+    put_in_hub_cache(tmp_path, "test-org/tiny-clip", clip_dir)
+    capfd.readouterr()
+
+    resolved = resolve_file("hf://test-org/heads/head16.pth", "the aesthetic head")
+    assert resolved.read_bytes() == aesthetic_file.read_bytes()
+    embedder = CLIPEmbedder.from_pretrained("test-org/tiny-clip")
+    assert embedder.model.config.projection_dim == 16
+    for load, what in [(lambda: resolve_file("hf://test-org/heads/missing.pth", "the aesthetic head"),
+                        "Could not get the aesthetic head hf://test-org/heads/missing.pth"),
+                       (lambda: CLIPEmbedder.from_pretrained("test-org/uncached-clip"),
+                        "Could not load a CLIP model from test-org/uncached-clip")]:
+        with pytest.raises(ValueError) as error:
+            load()
+        assert str(error.value).startswith(what) and "\n" not in str(error.value)
+    assert unreachable_hub  # probed, and every request was local_files_only:
+    assert "thrown while requesting" not in capfd.readouterr().err
 
 
 # -- the registry -----------------------------------------------------------------------------------

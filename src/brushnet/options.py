@@ -35,6 +35,16 @@ class CommandLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # A subcommand's parser is run through parse_known_args and hands what it did not know up to
+        # the top-level parser, which would name `brushnet` and its --help; rejecting the leftovers
+        # here names the subcommand whose options they were meant for ("brushnet inpaint: ...").
+        # Nothing in the package asks any of these parsers for leftovers.
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
 
 # A number with a leading minus that argparse takes for an option name: it only knows "-5" and
 # "-.5", so "--guidance -inf" or "--strength -1e-3" would fail as "expected one argument" instead of

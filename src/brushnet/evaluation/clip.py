@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from ..hub import local_only_if_unreachable
 from .weights import load_strict, read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -93,9 +94,10 @@ class CLIPEmbedder:
             raise ValueError(f"The CLIP model {text} does not exist: pass a folder in the "
                              "openai/clip-vit-large-patch14 layout (config.json, weights, tokenizer files).")
         where = str(path) if path.exists() else text
+        hub_kwargs = {} if path.exists() else local_only_if_unreachable({})
         try:
-            model = CLIPModel.from_pretrained(where).float()
-            tokenizer = CLIPTokenizerFast.from_pretrained(where)
+            model = CLIPModel.from_pretrained(where, **hub_kwargs).float()
+            tokenizer = CLIPTokenizerFast.from_pretrained(where, **hub_kwargs)
         except Exception as error:  # not a CLIP folder, offline without a cache, a broken file
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"Could not load a CLIP model from {text} ({first}): pass a folder in the "

@@ -5,7 +5,7 @@ Every scorer loads its weights explicitly from a file the user names. A file is 
 - a local path (`.safetensors`, or a PyTorch file such as `.pth` read with `weights_only=True`,
   which unpickles tensors and plain containers only, so it cannot run code), or
 - `hf://OWNER/REPO/PATH/IN/REPO`: downloaded with `huggingface_hub.hf_hub_download` on a machine
-  with the network (and found in the local cache offline).
+  with the network (and found in the local cache offline, at once: `brushnet.hub`).
 
 Nothing here downloads anything unless an `hf://` reference is given.
 """
@@ -32,8 +32,11 @@ def resolve_file(spec: str | os.PathLike, what: str) -> Path:
             raise ValueError(f"{what} {text!r} is not a hub reference of the form hf://OWNER/REPO/PATH/IN/REPO.")
         from huggingface_hub import hf_hub_download
 
+        from ..hub import local_only_if_unreachable
+
         try:
-            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+            # Without a network: the cached copy at once, or one line at once, not half a minute of retries.
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), **local_only_if_unreachable({})))
         except Exception as error:  # offline, missing repo/file, no permission: all one message
             raise ValueError(f"Could not get {what} {text} from the Hugging Face Hub "
                              f"({_first_line(error)}): download it and pass its local path.") from None
