@@ -109,6 +109,9 @@ def no_model_load(monkeypatch):
     (["--mask-threshold", "300"], "threshold must be between 0 and 255"),
     (["--scheduler", "ddim2"], "unknown --scheduler 'ddim2'; choose one of unipc, ddim"),
     (["-p", "   "], "--prompt is required"),
+    # Used to be written as p.png beside what was asked for, without a word.
+    (["--out", "result.txt"], "--out result.txt: .txt is not an image format brushnet writes"),
+    (["--out", "photo.v2"], "end the name in .png, .jpg or .webp"),
 ])
 def test_impossible_numbers_are_one_line_before_any_model_loads(photo, extra, message, no_model_load, capsys):
     image, mask = photo

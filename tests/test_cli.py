@@ -73,9 +73,10 @@ def test_output_format_follows_the_name_and_keeps_the_parameters(tmp_path, model
     args = ["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "un cœur rouge", "--seed", "3", *models]
     assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
     png = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
-    # A name no image format has ("b.result") is written as PNG under b.png, as before.
+    # A name with no suffix is written as PNG ("b" -> b.png); one with another suffix is refused
+    # (test_bad_inputs), since writing "b.result" as b.png put it where nobody looked.
     for name, written, image_format in (("a.jpg", "a.jpg", "JPEG"), ("a.JPEG", "a.JPEG", "JPEG"),
-                                        ("a.webp", "a.webp", "WEBP"), ("b.result", "b.png", "PNG")):
+                                        ("a.webp", "a.webp", "WEBP"), ("b", "b.png", "PNG")):
         assert main([*args, "--out", str(tmp_path / name)]) == 0, name
         with Image.open(tmp_path / written) as image:
             assert image.format == image_format, name

@@ -490,8 +490,12 @@ def _output_paths(out: Path, num_images: int) -> list[Path]:
         raise UserError(f"--num-images must be >= 1; got {num_images}")
     from .metadata import OUTPUT_FORMATS
 
-    if out.suffix.lower() not in OUTPUT_FORMATS:  # no suffix, or one no output format has: PNG
-        out = out.with_suffix(".png") if out.suffix else out.with_name(out.name + ".png")
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    elif out.suffix.lower() not in OUTPUT_FORMATS:
+        # Writing "result.txt" as result.png, or "photo.v2" as photo.png, put the image where nobody looked.
+        raise UserError(f"--out {out}: {out.suffix} is not an image format brushnet writes; end the name in .png, "
+                        ".jpg or .webp (with no suffix it is written as .png)")
     if num_images == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(num_images)]

@@ -20,7 +20,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _HASH_CACHE = Path(os.environ.get("BRUSHNET_CACHE", Path.home() / ".cache" / "brushnet")) / "hashes.json"
 
 
-# The output formats by file suffix; any other name is written as PNG.
+# The output formats by file suffix (the command line adds .png to a name without one, refuses other suffixes).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 
