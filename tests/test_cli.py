@@ -239,6 +239,8 @@ def test_outpaint_canvas_geometry():
     assert canvas.getpixel((3, 1)) == (200, 10, 10) and canvas.getpixel((12, 6)) == (200, 10, 10)
     with pytest.raises(ValueError, match="at least one"):
         outpaint_canvas(image)
+    with pytest.raises(ValueError, match=r"^--top must be >= 0 \(pixels to add on that side\); got -5\.$"):
+        outpaint_canvas(image, left=8, top=-5)
 
 
 def test_working_size_and_crop_window():

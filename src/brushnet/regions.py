@@ -61,8 +61,11 @@ def _widen(lo: float, hi: float, min_side: int, limit: int) -> tuple[int, int]:
 def outpaint_canvas(image: PIL.Image.Image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
                     fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """The enlarged canvas with `image` placed inside, and its mask (255 = the new area to fill)."""
-    if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
-        raise ValueError("Outpainting needs at least one of --left/--right/--top/--bottom > 0 (pixels, none negative).")
+    for name, pixels in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
+        if pixels < 0:  # a crop is not an outpaint: say which side, not only that one was wrong
+            raise ValueError(f"--{name} must be >= 0 (pixels to add on that side); got {pixels}.")
+    if left + right + top + bottom == 0:
+        raise ValueError("Outpainting needs at least one of --left/--right/--top/--bottom > 0 (pixels to add).")
     width, height = image.width + left + right, image.height + top + bottom
     if width * height > MAX_CANVAS_PIXELS or max(width, height) > MAX_CANVAS_SIDE:
         raise ValueError(f"The outpainted canvas would be {width}x{height}, more than {MAX_CANVAS_PIXELS} pixels "
