@@ -25,7 +25,8 @@ yellow background"). Methods:
   method that decodes through this VAE, not a method (`--vae DIR` swaps in another VAE, e.g. a
   build's before it has a base).
 
-Scores: kept-region PSNR ([0, 1] pixels, per channel); for the shape kinds, the fraction of the
+Scores: kept-region PSNR ([0, 1] pixels, per channel; for brushnet+blend also before blending, where a
+branch that lets the whole image drift in colour shows); for the shape kinds, the fraction of the
 target shape's pixels inside the hole whose nearest palette colour is the named one ("named"),
 and the fraction of scenes where that is at least 80 % ("scenes >= 80 %", the issue's target);
 for background strokes, the fraction of hole pixels whose nearest palette colour is the true
@@ -207,6 +208,15 @@ def report(rows: dict) -> dict:
     return summary
 
 
+def raw_kept(rows: dict, method: str = "brushnet+blend") -> None:
+    """The kept region's PSNR before blending, per kind (runs that recorded it)."""
+    means = {kind: np.mean([r["raw_kept_psnr"] for r in methods[method]]) for kind, methods in rows.items()
+             if method in methods and methods[method] and all("raw_kept_psnr" in r for r in methods[method])}
+    if means:
+        print(f"\n{method} before blending, kept PSNR (dB): "
+              + ", ".join(f"{kind} {value:.1f}" for kind, value in means.items()))
+
+
 def breakdown(rows: dict, method: str = "brushnet+blend") -> None:
     """Scenes at target per target shape and per background (flat or patterned) for `method`:
     where the totals lose their scenes."""
@@ -240,6 +250,7 @@ def merge(paths: list[str]) -> None:
             if len(set(scenes)) != len(scenes):
                 raise SystemExit(f"error: the files score some scenes twice ({method}); merge runs over disjoint scenes.")
     report(rows)
+    raw_kept(rows)
     for method in BROKEN_DOWN:
         breakdown(rows, method)
 
@@ -299,6 +310,9 @@ def main():
                     raw = inpaint(pipe, scene.image, mask, settings)[0]
                     # Exactly what inpaint(blend=True) returns for this generation.
                     result = blend(scene.image, raw, mask, kernel)
+                    # Before blending: how well the branch holds the known region. A drifting one
+                    # (colours shifted over the whole image) shows here, hidden by the blending.
+                    kept_before_blending = psnr(np.asarray(raw.convert("RGB")), np.asarray(scene.image.convert("RGB")), ~hole)
                 elif method == "blended-latent":
                     result = blended_latent_inpaint(pipe, scene.image, mask, prompt, args.steps, args.guidance, number)
                 elif method == "vae-roundtrip":
@@ -308,13 +322,17 @@ def main():
                     masked[hole] = 0
                     result = PIL.Image.fromarray(masked, "RGB")
                 seconds[method] += time.perf_counter() - start
-                rows[kind][method].append({"scene": number, "shape": scene.shapes[-1].kind,
-                                           "background": scene.background.kind, **score(result, scene, hole, kind)})
+                row = {"scene": number, "shape": scene.shapes[-1].kind, "background": scene.background.kind,
+                       **score(result, scene, hole, kind)}
+                if method == "brushnet+blend":
+                    row["raw_kept_psnr"] = kept_before_blending
+                rows[kind][method].append(row)
 
     jitter = f", shades jittered by up to {args.colour_jitter}" if args.colour_jitter else ""
     print(f"held-out scenes {args.first}-{args.first + args.scenes - 1}, {args.steps} steps, guidance {args.guidance}, "
           f"prompt form {args.prompt!r}{jitter}\n")
     summary = report(rows)
+    raw_kept(rows)
     for method in BROKEN_DOWN:
         breakdown(rows, method)
     images = sum(len(rows[k][m]) for k in args.kinds for m in args.methods) / max(len(args.methods), 1)
