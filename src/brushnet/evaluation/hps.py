@@ -76,9 +76,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..hub import local_only_if_unreachable
 from .clip import CLIP_MEAN, CLIP_STD, _pooled
-from .weights import assign_state_dict, read_state_dict
+from .weights import assign_state_dict, pretrained_source, read_state_dict
 
 CONTEXT_LENGTH = 77
 IGNORED_KEYS = ("attn_mask",)
@@ -194,9 +193,8 @@ def load_clip_tokenizer(source):
         raise ValueError(f"The CLIP tokenizer folder {text} does not exist: pass a folder with CLIP's vocab.json "
                          "and merges.txt (such as an openai/clip-vit-large-patch14 folder).")
     try:
-        if path.exists():
-            return CLIPTokenizer.from_pretrained(str(path))
-        return CLIPTokenizer.from_pretrained(text, **local_only_if_unreachable({}))
+        where, hub_kwargs = pretrained_source(path, text)
+        return CLIPTokenizer.from_pretrained(where, **hub_kwargs)
     except Exception as error:  # not a tokenizer folder, offline without a cache
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"Could not load a CLIP tokenizer from {text} ({first}).") from None

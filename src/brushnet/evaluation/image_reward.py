@@ -76,9 +76,8 @@ import PIL.Image
 import torch
 from torch import nn
 
-from ..hub import local_only_if_unreachable
 from .clip import CLIP_MEAN, CLIP_STD
-from .weights import assign_state_dict, read_state_dict
+from .weights import assign_state_dict, pretrained_source, read_state_dict
 
 CHECKPOINT_NAME = "ImageReward.pt"
 REWARD_MEAN = 0.16717362830052426
@@ -225,8 +224,8 @@ def load_bert_tokenizer(source):
         raise ValueError(f"The BERT tokenizer folder {text} does not exist: pass a bert-base-uncased folder "
                          "(with vocab.txt).")
     try:
-        hub_kwargs = {} if path.exists() else local_only_if_unreachable({})
-        tokenizer = BertTokenizer.from_pretrained(str(path) if path.exists() else text, **hub_kwargs)
+        where, hub_kwargs = pretrained_source(path, text)
+        tokenizer = BertTokenizer.from_pretrained(where, **hub_kwargs)
     except Exception as error:  # noqa: BLE001 - not a tokenizer folder, offline without a cache
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"Could not load a BERT tokenizer from {text} ({first}).") from None

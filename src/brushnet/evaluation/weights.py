@@ -48,6 +48,17 @@ def resolve_file(spec: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def pretrained_source(path: Path, text: str) -> tuple[str, dict]:
+    """What a transformers `from_pretrained` is given for a model or tokenizer named `text` (`path`:
+    it expanded): the local folder when it exists, else the hub id, with local_files_only when the
+    hub cannot be reached, so the cached copy loads at once instead of after half a minute of retries."""
+    from ..hub import local_only_if_unreachable
+
+    if path.exists():
+        return str(path), {}
+    return text, local_only_if_unreachable({})
+
+
 def read_state_dict(spec: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """The tensors of a weight file (see the module docstring for what `spec` may be)."""
     path = resolve_file(spec, what)
