@@ -3,6 +3,7 @@ broken files, text that is not UTF-8, BrushNets that do not fit their base. Each
 line (CLI) or one ValueError (Python), before any model loads where that is possible, and nothing
 half-written or garbage is left behind."""
 
+import io
 import json
 import logging
 import os
@@ -346,6 +347,26 @@ def test_out_naming_an_existing_folder_writes_inside_it(photo, models, tmp_path)
     (tmp_path / "results").mkdir()
     assert main(["inpaint", str(image), str(mask), "-p", "x", *models, "--out", str(tmp_path / "results")]) == 0
     assert (tmp_path / "results" / "p-inpainted.png").is_file() and not (tmp_path / "results.png").exists()
+
+
+def test_each_printed_line_is_one_write(photo, models, tmp_path, monkeypatch):
+    # Processes of one launch share stdout; with PYTHONUNBUFFERED a line written as text, then
+    # newline, lets another process's line land between the two ("wrote a.pngwrote b.png").
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    stdout = Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    image, mask = photo
+    assert main(["inpaint", str(image), str(mask), "-p", "x", *models, "--out", str(tmp_path / "r.png")]) == 0
+    assert any(call.startswith("wrote ") for call in stdout.calls)
+    assert all(call.endswith("\n") for call in stdout.calls), stdout.calls
 
 
 @pytest.mark.parametrize("argv, message", [

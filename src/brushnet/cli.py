@@ -20,6 +20,7 @@ from .options import (
     prepare_output_folders,
     resolve_device,
     resolve_dtype,
+    say,
     user_checked,
 )
 
@@ -248,7 +249,7 @@ def _share_of_launch(jobs: list[dict]) -> tuple[list[dict], str | None]:
                         "file: run brushnet inpaint without accelerate launch / torchrun")
     process = process_info()
     mine = shard(jobs, process.rank, process.world_size)
-    print(f"process {process.rank + 1} of {process.world_size}: {len(mine)} of {len(jobs)} input(s)")
+    say(f"process {process.rank + 1} of {process.world_size}: {len(mine)} of {len(jobs)} input(s)")
     return mine, process.device
 
 
@@ -551,7 +552,7 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
             if not job["batch"]:
                 raise
             failed[job["image"].name] = str(error).rstrip(".")
-            print(f"brushnet: {job['image'].name} failed: {failed[job['image'].name]}", file=sys.stderr)
+            say(f"brushnet: {job['image'].name} failed: {failed[job['image'].name]}", sys.stderr)
     return failed
 
 
@@ -569,7 +570,7 @@ def _save_result(result, path: Path, job, settings, model_params: dict, image_se
         if isinstance(error, FileExistsError):
             raise
         raise UserError(f"cannot write {path} ({error.strerror or error}): check the folder") from None
-    print(f"wrote {path}")
+    say(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -582,17 +583,17 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         if os.environ.get("BRUSHNET_DEBUG"):
             raise
-        print(f"brushnet: error: {error}", file=sys.stderr)
+        say(f"brushnet: error: {error}", sys.stderr)
         return 2
     except OSError as error:  # the file system said no (permissions, a full disk, a folder for a file)
         if os.environ.get("BRUSHNET_DEBUG"):
             raise
         where = f": {error.filename}" if getattr(error, "filename", None) else ""
-        print(f"brushnet: error: {error.strerror or error}{where}", file=sys.stderr)
+        say(f"brushnet: error: {error.strerror or error}{where}", sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Outputs are written to a temporary name and renamed: no partial file is left behind.
-        print("brushnet: interrupted; every output written so far is complete", file=sys.stderr)
+        say("brushnet: interrupted; every output written so far is complete", sys.stderr)
         return 130
 
 

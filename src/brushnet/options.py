@@ -27,6 +27,14 @@ class UserError(ValueError):
     """A mistake in the command line, reported as one line without a traceback."""
 
 
+def say(line: str, stream=None) -> None:
+    """Print one line in a single write. Under PYTHONUNBUFFERED, print() writes the text and its
+    newline separately, so processes of one launch sharing a terminal or pipe splice their lines."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
+
+
 class CommandLineParser(argparse.ArgumentParser):
     """argparse with its own mistakes (a word where a number goes, a missing argument, an unknown
     flag) reported as the one line every other mistake gets, pointing at --help, instead of the
