@@ -196,6 +196,29 @@ def test_base_stays_frozen_and_only_brushnet_learns(golden, data, tmp_path, monk
         assert all(p.grad is None and not p.requires_grad for p in used.parameters()), name
 
 
+def test_noise_offset_shifts_each_images_channels(golden, data, tmp_path, monkeypatch):
+    # diffusers' --noise_offset: each (image, channel) of the training noise shifted by one draw,
+    # so its mean no longer tells the model the image's mean colour at high noise.
+    from diffusers import DDPMScheduler
+
+    drawn, add_noise = [], DDPMScheduler.add_noise
+
+    def recording(self, latents, noise, timesteps):
+        drawn.append(noise.detach().clone())
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    spread = {}
+    for offset in (0.0, 0.5):
+        drawn.clear()
+        train(config(golden, data, tmp_path / str(offset), max_train_steps=3, noise_offset=offset))
+        means = torch.cat(drawn).mean(dim=(2, 3))  # one per image and channel
+        spread[offset] = means.std().item()
+    cells = drawn[0][0, 0].numel()
+    assert spread[0.0] < 2 / cells ** 0.5, spread  # plain noise: the mean of `cells` draws
+    assert 0.3 < spread[0.5] < 0.8, spread
+
+
 def _run(golden, data, out, steps, **overrides):
     train(config(golden, data, out, max_train_steps=steps, checkpointing_steps=2, lr_scheduler="constant_with_warmup",
                  lr_warmup_steps=2, **overrides))
@@ -416,7 +439,8 @@ def test_learning_rate_at_each_step(golden, data, tmp_path, monkeypatch, caplog,
     ("--num_validation_images", "0"), ("--validation_inference_steps", "0"), ("--lr_warmup_steps", "-5"),
     ("--adam_beta1", "1.0"), ("--adam_beta2", "nan"), ("--adam_weight_decay", "-0.1"), ("--adam_epsilon", "0"),
     ("--max_grad_norm", "0"), ("--max_grad_norm", "inf"), ("--ema_decay", "1.5"), ("--ema_decay", "0"),
-    ("--masked_loss_weight", "-1"), ("--masked_loss_weight", "nan"), ("--seed", "-1"), ("--seed", str(2**32)),
+    ("--masked_loss_weight", "-1"), ("--masked_loss_weight", "nan"), ("--noise_offset", "-0.1"),
+    ("--noise_offset", "2"), ("--seed", "-1"), ("--seed", str(2**32)),
     ("--shuffle_buffer", "-1"), ("--crops_coords_top_left_h", "-1"), ("--lr_scheduler", "cosine_annealing"),
     ("--report_to", "tensorbord"),
 ])

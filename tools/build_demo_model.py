@@ -510,7 +510,7 @@ def stage_brushnet(out: Path, args, device):
         mask_mix=args.mask_mix, drawn_weights=args.drawn_weights, mask_downsampling=args.mask_downsampling,
         train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
-        learning_rate=args.brushnet_lr, masked_loss_weight=args.masked_loss_weight,
+        learning_rate=args.brushnet_lr, masked_loss_weight=args.masked_loss_weight, noise_offset=args.noise_offset,
         # linear: from --brushnet-lr down to 0 over the run, no warm-up (a fine-tune starts from trained weights)
         lr_scheduler=args.brushnet_schedule, lr_warmup_steps=0, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
@@ -593,6 +593,9 @@ def main():
     parser.add_argument("--masked-loss-weight", type=float, default=1.0,
                         help="brushnet: how much more the hole's latent pixels weigh in the loss (1: plain MSE, "
                              "the paper's; the trainer's --masked_loss_weight)")
+    parser.add_argument("--noise-offset", type=float, default=0.0,
+                        help="brushnet: a per-image, per-channel shift of the training noise (the trainer's "
+                             "--noise_offset; 0: plain noise, the paper's)")
     parser.add_argument("--brushnet-from", default="scratch",
                         help="brushnet: start from the base UNet (scratch), fine-tune the shipped BrushNet "
                              "(shipped) or a BrushNet folder (a path; against the shipped base)")

@@ -46,6 +46,7 @@ class TrainConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     masked_loss_weight: float = 1.0  # > 1 weights the hole's latent pixels more; 1 = the paper's plain MSE
+    noise_offset: float = 0.0  # a per-image, per-channel shift of the noise; 0 = the paper's plain noise
     seed: int | None = None
     # SDXL size conditioning of the crops
     crops_coords_top_left_h: int = 0
@@ -87,6 +88,10 @@ _HELP = {
     "lr_warmup_steps": "linear warm-up from 0 over this many steps (default 500) for every --lr_scheduler "
                        "but constant",
     "masked_loss_weight": "weight of the hole's pixels in the loss (1 = plain MSE as in the paper)",
+    "noise_offset": "add this much of a per-image, per-channel Gaussian to the training noise (diffusers' "
+                    "--noise_offset; 0, the default, as the paper). At high noise a latent still carries its "
+                    "image's mean colour, which inference's pure noise does not; with an offset (0.1 is usual) "
+                    "the branch learns to take the colours from the known region instead",
     "report_to": "tensorboard, wandb, all or none",
     "validation_image": "images to inpaint at every validation (with --validation_mask and --validation_prompt)",
 }
@@ -140,7 +145,7 @@ _REAL = {
     "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False),
     "adam_weight_decay": (0, math.inf, True, False), "adam_epsilon": (0, math.inf, False, False),
     "max_grad_norm": (0, math.inf, False, False), "ema_decay": (0, 1, False, False),
-    "masked_loss_weight": (0, math.inf, True, False),
+    "masked_loss_weight": (0, math.inf, True, False), "noise_offset": (0, 1, True, True),
 }
 
 

@@ -167,6 +167,11 @@ def train(config: TrainConfig) -> Path:
                 prompt_embeds, added_cond_kwargs = text.encode(batch, config, accelerator.device, weight_dtype)
 
             noise = torch.randn_like(latents)
+            if config.noise_offset:
+                # The mean colour leaks through the noise at high t (SNR > 0 at t = 999) and the
+                # model learns to read it there; pure noise at inference carries a random one.
+                noise = noise + config.noise_offset * torch.randn(
+                    (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                       device=latents.device).long()
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
