@@ -128,6 +128,29 @@ def test_a_base_from_that_is_no_base_folder_is_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_the_base_stage_trains_on_offset_noise(tmp_path, monkeypatch):
+    import runpy
+
+    import brushnet.training.loop as loop
+
+    offsets, plain = [], loop.training_noise
+    monkeypatch.setattr(loop, "training_noise", lambda latents, offset=0.0: offsets.append(offset) or plain(
+        latents, offset))
+    monkeypatch.setattr(sys, "argv", [str(TOOL), str(tmp_path / "out"), "--stage", "base", "--base-from", "shipped",
+                                      "--device", "cpu", "--scenes", "8", "--batch", "2", "--base-steps", "2",
+                                      "--noise-offset", "0.25"])
+    runpy.run_path(str(TOOL), run_name="__main__")
+    assert offsets == [0.25, 0.25]
+    assert (tmp_path / "out" / "base" / "unet").is_dir()
+
+
+def test_a_noise_offset_out_of_range_is_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "out"), "--stage", "base", "--noise-offset", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--noise-offset 2.0: give a number from 0 to 1" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_build_on_the_32x32_latent_grid_seeded_by_the_shipped_model(tmp_path):
     from safetensors.torch import load_file
 

@@ -14,7 +14,7 @@ from brushnet.cli import main
 from brushnet.models import BrushNetModel
 from brushnet.training import TrainConfig, parse_train_args, train
 from brushnet.training.config import warmup_steps
-from brushnet.training.loop import diffusion_loss, load_base_components
+from brushnet.training.loop import diffusion_loss, load_base_components, training_noise
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -217,6 +217,19 @@ def test_noise_offset_shifts_each_images_channels(golden, data, tmp_path, monkey
     cells = drawn[0][0, 0].numel()
     assert spread[0.0] < 2 / cells ** 0.5, spread  # plain noise: the mean of `cells` draws
     assert 0.3 < spread[0.5] < 0.8, spread
+
+
+def test_training_noise_shifts_only_by_one_draw_per_image_and_channel():
+    latents = torch.zeros(3, 4, 8, 8)
+    torch.manual_seed(0)
+    plain = torch.randn_like(latents)
+    torch.manual_seed(0)
+    assert torch.equal(training_noise(latents), plain)  # offset 0: the same draws as plain noise
+    torch.manual_seed(0)
+    shift = training_noise(latents, 0.5) - plain
+    assert shift.shape == latents.shape
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # one value per (image, channel)
+    assert 0.1 < shift[..., 0, 0].std() < 1.5
 
 
 def _run(golden, data, out, steps, **overrides):

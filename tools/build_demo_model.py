@@ -382,6 +382,7 @@ def pick_caption(captions: dict, generator: torch.Generator) -> str:
 def stage_base(out: Path, args, device):
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from brushnet.training.loop import training_noise
 
     tokenizer = write_tokenizer(out / "tokenizer")
     source = None
@@ -422,7 +423,7 @@ def stage_base(out: Path, args, device):
             latents = posterior.sample() * vae.config.scaling_factor
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
-        noise = torch.randn_like(latents)
+        noise = training_noise(latents, args.noise_offset)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         return F.mse_loss(prediction, noise)
@@ -594,8 +595,8 @@ def main():
                         help="brushnet: how much more the hole's latent pixels weigh in the loss (1: plain MSE, "
                              "the paper's; the trainer's --masked_loss_weight)")
     parser.add_argument("--noise-offset", type=float, default=0.0,
-                        help="brushnet: a per-image, per-channel shift of the training noise (the trainer's "
-                             "--noise_offset; 0: plain noise, the paper's)")
+                        help="base and brushnet: a per-image, per-channel shift of the training noise (the "
+                             "trainer's --noise_offset; 0: plain noise, the paper's)")
     parser.add_argument("--brushnet-from", default="scratch",
                         help="brushnet: start from the base UNet (scratch), fine-tune the shipped BrushNet "
                              "(shipped) or a BrushNet folder (a path; against the shipped base)")
@@ -618,6 +619,8 @@ def main():
             (Path(args.base_from) / part).is_dir() for part in ("unet", "text_encoder", "vae")):
         parser.error(f"--base-from {args.base_from}: not a base folder (unet/, text_encoder/ and vae/); "
                      "give scratch, shipped or a base stage's OUT/base")
+    if not 0 <= args.noise_offset <= 1:  # NaN fails too; the trainer checks its own copy the same way
+        parser.error(f"--noise-offset {args.noise_offset}: give a number from 0 to 1 (0.1 is diffusers' usual)")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     stages = STAGES if args.stage == "all" else [args.stage]

@@ -166,12 +166,7 @@ def train(config: TrainConfig) -> Path:
                                         mask_downsampling).to(weight_dtype)
                 prompt_embeds, added_cond_kwargs = text.encode(batch, config, accelerator.device, weight_dtype)
 
-            noise = torch.randn_like(latents)
-            if config.noise_offset:
-                # The mean colour leaks through the noise at high t (SNR > 0 at t = 999) and the
-                # model learns to read it there; pure noise at inference carries a random one.
-                noise = noise + config.noise_offset * torch.randn(
-                    (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype)
+            noise = training_noise(latents, config.noise_offset)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                       device=latents.device).long()
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -386,6 +381,17 @@ def _collate():
     from ..data import collate
 
     return collate
+
+
+def training_noise(latents: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise shaped like `latents`, each (image, channel) shifted by `offset` times one more
+    draw (diffusers' --noise_offset) when `offset` is not 0."""
+    noise = torch.randn_like(latents)
+    if offset:
+        # The mean colour leaks through the noise at high t (SNR > 0 at t = 999) and the model
+        # learns to read it there; pure noise at inference carries a random one.
+        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype)
+    return noise
 
 
 def diffusion_loss(model_pred, target, keep, masked_loss_weight: float) -> torch.Tensor:
