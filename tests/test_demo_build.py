@@ -144,6 +144,42 @@ def test_the_base_stage_trains_on_offset_noise(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "base" / "unet").is_dir()
 
 
+def test_the_base_stage_trains_and_saves_a_zero_terminal_snr_schedule(tmp_path, monkeypatch):
+    import json
+    import runpy
+
+    import pytest
+    from diffusers import DDPMScheduler
+
+    velocities, plain = [], DDPMScheduler.get_velocity
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *a: velocities.append(
+        self.alphas_cumprod[-1].item()) or plain(self, *a))
+    out = tmp_path / "out"
+    common = [str(TOOL), str(out), "--base-from", "shipped", "--device", "cpu", "--scenes", "8", "--batch", "2"]
+
+    def build(*arguments):
+        monkeypatch.setattr(sys, "argv", [*common, *arguments])
+        runpy.run_path(str(TOOL), run_name="__main__")
+
+    build("--stage", "base", "--base-steps", "2", "--zero-terminal-snr")
+    # Each step's loss aims at the velocity, under betas that reach pure noise at t = 999.
+    assert velocities == [0.0, 0.0]
+    saved = json.loads((out / "base" / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["rescale_betas_zero_snr"], saved["prediction_type"], saved["timestep_spacing"]) == (
+        True, "v_prediction", "trailing")
+    # A snapshot of the checkpoint is saved under the schedule it was trained with.
+    build("--stage", "snapshot")
+    snapshot = json.loads((out / "base-at-2" / "scheduler" / "scheduler_config.json").read_text())
+    assert snapshot["prediction_type"] == "v_prediction" and snapshot["rescale_betas_zero_snr"]
+    # Going on without the flag would train a v-prediction checkpoint on epsilon: refused in one line.
+    import shutil
+
+    shutil.rmtree(out / "base")
+    with pytest.raises(SystemExit, match="trained with --zero-terminal-snr .*give the same flag"):
+        build("--stage", "base", "--base-steps", "4")
+    assert not (out / "base").exists()
+
+
 def test_a_noise_offset_out_of_range_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "out"), "--stage", "base", "--noise-offset", "2"],
                          capture_output=True, text=True, timeout=120)

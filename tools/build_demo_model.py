@@ -43,6 +43,11 @@ named colour), so that "green" is also PIL's (0, 128, 0). `--latent-size 32` bui
 latent grid (the VAE downsamples 2x instead of 4x; the base's UNet gets one level more and no
 attention at 32x32; `--vae-lr`, `--vae-schedule` set the VAE's run): at 16x16 even the scenes' own
 latents decode a star to 80 % of its colour in only 62 % of the held-out scenes.
+`--zero-terminal-snr` trains the base on SD1.5's betas rescaled so that t = 999 is pure noise, with
+v-prediction, and saves a sampler with trailing timesteps; the BrushNet stage reads the base's
+schedule, so a BrushNet trained against it follows. With SD1.5's schedule a latent at t = 999
+still shows its image's mean colour, and the models learn to read it there (BENCHMARKS.md,
+sitting 4).
 
 The shipped model is the first one fine-tuned on drawn holes in seven stages, each resuming and
 each starting from the last one's checkpoint with `--brushnet-from`; the fifth also trains the base
@@ -403,7 +408,7 @@ def stage_base(out: Path, args, device):
         load_base_unet(unet, UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32))
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
             source / "text_encoder", torch_dtype=torch.float32).state_dict())
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    noise_scheduler = DDPMScheduler(**recorded_noise_schedule(out, args.zero_terminal_snr))
     # The VAE is frozen here: encode every scene once (mean and log-variance) instead of every step.
     moments, all_captions, _ = encode_scenes(vae, out / "data", device)
     if args.base_captions == "partial":
@@ -426,19 +431,49 @@ def stage_base(out: Path, args, device):
         noise = training_noise(latents, args.noise_offset)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
-        return F.mse_loss(prediction, noise)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, t)
+        return F.mse_loss(prediction, target)
 
     train_steps("base", out, {"unet": unet, "text_encoder": text_encoder}, args.base_steps, args.base_lr, step, device,
                 schedule=args.base_schedule)
-    save_base(out / "base", vae, text_encoder, tokenizer, unet)
+    save_base(out / "base", vae, text_encoder, tokenizer, unet, noise_scheduler.config)
 
 
-def save_base(target: Path, vae, text_encoder, tokenizer, unet) -> None:
-    """The base as a StableDiffusionPipeline folder (UniPC over the training noise schedule), written
-    whole under a temporary name first: a folder cut short never passes for a base."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+def noise_schedule(zero_terminal_snr: bool) -> dict:
+    """The base's training noise schedule: SD1.5's, or (zero_terminal_snr) its betas rescaled so that
+    t = 999 is pure noise, with v-prediction (epsilon cannot be predicted from pure noise) and
+    sampling that starts at t = 999 (trailing spacing): Lin et al., "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", as diffusers' options spell it."""
+    if not zero_terminal_snr:
+        return NOISE_SCHEDULE
+    return {**NOISE_SCHEDULE, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing"}
 
-    scheduler = UniPCMultistepScheduler.from_config(DDPMScheduler(**NOISE_SCHEDULE).config)
+
+def recorded_noise_schedule(out: Path, zero_terminal_snr: bool) -> dict:
+    """noise_schedule's, kept in OUT/noise-schedule.json the first time the base stage runs, so that a
+    resumed run or a snapshot cannot silently train or save the checkpoint under another schedule."""
+    import json
+
+    schedule, record = noise_schedule(zero_terminal_snr), out / "noise-schedule.json"
+    if record.exists():
+        if json.loads(record.read_text()) != schedule:
+            flag = "without" if zero_terminal_snr else "with"
+            raise SystemExit(f"base: {out}'s base was trained {flag} --zero-terminal-snr ({record}); give the same "
+                             "flag to go on, or use a new OUT")
+    else:
+        record.write_text(json.dumps(schedule, indent=2) + "\n")
+    return schedule
+
+
+def save_base(target: Path, vae, text_encoder, tokenizer, unet, schedule) -> None:
+    """The base as a StableDiffusionPipeline folder (UniPC over the training noise schedule `schedule`,
+    a scheduler config), written whole under a temporary name first: a folder cut short never passes
+    for a base."""
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_config(schedule)
     partial = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(partial, ignore_errors=True)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -464,7 +499,13 @@ def stage_snapshot(out: Path, device) -> Path:
         text_encoder, unet = base_models(tokenizer, latent_size_of(vae))
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
-        save_base(target, vae, text_encoder, tokenizer, unet)
+        import json
+
+        from diffusers import DDPMScheduler
+
+        record = out / "noise-schedule.json"  # the base stage's (a run from before it kept one: SD1.5's)
+        schedule = json.loads(record.read_text()) if record.exists() else NOISE_SCHEDULE
+        save_base(target, vae, text_encoder, tokenizer, unet, DDPMScheduler(**schedule).config)
     print(f"snapshot: the base at step {state['step']} in {target}", flush=True)
     return target
 
@@ -597,6 +638,10 @@ def main():
     parser.add_argument("--noise-offset", type=float, default=0.0,
                         help="base and brushnet: a per-image, per-channel shift of the training noise (the "
                              "trainer's --noise_offset; 0: plain noise, the paper's)")
+    parser.add_argument("--zero-terminal-snr", action="store_true",
+                        help="base: train on betas rescaled to zero SNR at t=999, with v-prediction, and save a "
+                             "sampler that starts there (the brushnet stage follows the base's schedule); default: "
+                             "SD1.5's schedule, where the image's mean colour shows through the noise at t=999")
     parser.add_argument("--brushnet-from", default="scratch",
                         help="brushnet: start from the base UNet (scratch), fine-tune the shipped BrushNet "
                              "(shipped) or a BrushNet folder (a path; against the shipped base)")
