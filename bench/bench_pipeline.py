@@ -44,6 +44,14 @@ def sd15_pipeline(device, dtype) -> StableDiffusionBrushNetPipeline:
     return pipe.to(device=device, dtype=dtype)
 
 
+def timed_inputs(size: int) -> tuple[Image.Image, Image.Image]:
+    """The image and mask every timed call inpaints: a flat colour, a centred square hole."""
+    image = Image.new("RGB", (size, size), (120, 90, 60))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image, mask
+
+
 def reference_step(pipe):
     """The authors' step: branch on the full CFG batch, conditioning duplicated."""
     def step(latent_model_input, t, prompt_embeds, conditioning, scale, *, guess_mode, unet_kwargs,
@@ -77,9 +85,7 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     pipe = sd15_pipeline(args.device, dtype)
-    image = Image.new("RGB", (args.size, args.size), (120, 90, 60))
-    mask = Image.new("L", (args.size, args.size), 0)
-    mask.paste(255, (args.size // 4, args.size // 4, 3 * args.size // 4, 3 * args.size // 4))
+    image, mask = timed_inputs(args.size)
     embeds = torch.randn(1, 77, 768, device=args.device, dtype=dtype)
 
     def call():

@@ -47,7 +47,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_models(folder: Path, size: int, tiny: bool) -> None:
     """The timed models and inputs, saved so that either implementation loads them."""
-    from PIL import Image
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_pipeline import sd15_pipeline, timed_inputs
 
     if tiny:  # tests: the same layout, a few channels
         from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
@@ -66,18 +67,13 @@ def build_models(folder: Path, size: int, tiny: bool) -> None:
                                             final_sigmas_type="sigma_min")  # what the fork always did
         width = 32
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-        from bench_pipeline import sd15_pipeline
-
         pipe = sd15_pipeline("cpu", torch.float32)
         unet, vae, brushnet, scheduler = pipe.unet, pipe.vae, pipe.brushnet, pipe.scheduler
         width = 768
     staging = folder.with_name(folder.name + ".partial")
     for name, module in (("unet", unet), ("vae", vae), ("brushnet", brushnet), ("scheduler", scheduler)):
         module.save_pretrained(staging / name)
-    image = Image.new("RGB", (size, size), (120, 90, 60))
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    image, mask = timed_inputs(size)
     image.save(staging / "image.png")
     mask.save(staging / "mask.png")
     torch.save(torch.randn(1, 77, width, generator=torch.Generator().manual_seed(0)), staging / "embeds.pt")
