@@ -25,3 +25,12 @@ def test_our_side_times_the_saved_models_and_stock_diffusers_is_refused_as_the_r
     assert image.shape == (1, 32, 32, 3) and 0 <= image.min() and image.max() <= 1 and image.std() > 0
     with pytest.raises(SystemExit, match="not the authors' fork"):
         tool["load_side"]("reference", models, torch.float32)
+
+
+def test_a_reference_python_that_is_not_there_is_one_line_before_any_work(tmp_path, capsys):
+    tool = runpy.run_path(str(TOOL))
+    with pytest.raises(SystemExit) as exit:
+        tool["main"](["--reference-python", str(tmp_path / "nope" / "python"), "--tiny", "--size", "32",
+                      "--workdir", str(tmp_path / "work")])
+    assert exit.value.code == 2 and "is not a python to run" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

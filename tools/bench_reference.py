@@ -152,6 +152,9 @@ def main(argv=None):
         return run_side(args.side, models, out, args.steps, args.repeats, args.dtype)
     if not args.reference_python:
         parser.error("--reference-python is required: the python of an environment with the authors' fork")
+    if not os.access(args.reference_python, os.X_OK) or os.path.isdir(args.reference_python):
+        parser.error(f"--reference-python {args.reference_python} is not a python to run: give the environment's "
+                     "bin/python (see this tool's docstring)")
     if not models.exists():
         build_models(models, args.size, args.tiny)
     out.mkdir(parents=True, exist_ok=True)
