@@ -298,16 +298,25 @@ def test_bad_input_files(tmp_path, models, capsys):
     whole = (tmp_path / "p.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
     Image.new("L", (32, 32), 0).save(tmp_path / "empty.png")
+    zero_one = np.zeros((32, 32), np.uint8)
+    zero_one[4:20, 4:20] = 1  # numpy's bool mask saved as it is: the hole is 1, not 255
+    Image.fromarray(zero_one).save(tmp_path / "zero-one.png")
     cases = {
         "text.png": ("text.png", "m.png", "not an image"),
         "cut.png": ("cut.png", "m.png", "damaged"),
         "empty mask": ("p.png", "empty.png", "nothing to inpaint"),
+        "0/1 mask": ("p.png", "zero-one.png", "its brightest is 1 (a 0/1 array saved as an image?); save the hole "
+                     "as 255 (white) or pass --mask-threshold 1"),
         "missing": ("nope.jpg", "m.png", "does not exist"),
     }
     for name, (image, mask, message) in cases.items():
         err = _error(["inpaint", str(tmp_path / image), str(tmp_path / mask), "-p", "x", *models], capsys)
         assert message in err, (name, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png", "empty.png", "m.png", "p.png", "text.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png", "empty.png", "m.png", "p.png", "text.png",
+                                                          "zero-one.png"]
+    from brushnet.masks import load_mask
+
+    assert load_mask(tmp_path / "zero-one.png", threshold=1).getbbox() == (4, 4, 20, 20)  # the fix it names
 
 
 def test_bad_models_are_refused_before_loading(golden, tmp_path, capsys):

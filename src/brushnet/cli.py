@@ -255,7 +255,7 @@ def _share_of_launch(jobs: list[dict]) -> tuple[list[dict], str | None]:
 
 def _read_job(job, args):
     """(image, mask) of a job, or a ValueError saying what is wrong with its files."""
-    from .masks import load_mask, open_image
+    from .masks import brightest_mask_value, load_mask, open_image
 
     if "canvas" in job:
         return job["canvas"]
@@ -274,6 +274,12 @@ def _read_job(job, args):
         raise UserError(f"{job['image']} is {image.width}x{image.height} but {job['mask']} is "
                         f"{mask.width}x{mask.height}: masks must have the size of their image")
     if mask.getbbox() is None:
+        brightest = brightest_mask_value(job["mask"])
+        if not args.invert_mask and 0 < brightest < args.mask_threshold:
+            lower = f" or pass --mask-threshold {int(brightest)}" if brightest >= 1 else ""
+            raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: its "
+                            f"brightest is {brightest:g} (a 0/1 array saved as an image?); save the hole as 255 "
+                            f"(white){lower}")
         raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: "
                         "nothing to inpaint (white = fill; --invert-mask if your hole is black)")
     return image, mask

@@ -163,6 +163,12 @@ def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 
     return PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L")
 
 
+def brightest_mask_value(path) -> float:
+    """The largest value `load_mask` thresholds in a mask file (0-255 scale): what to say when no pixel
+    reaches the threshold, e.g. a 0/1 array saved as an image, whose hole is value 1."""
+    return float(_mask_values(_open_image(path, "mask")).max())
+
+
 def _grow(hole: np.ndarray, pixels: int) -> np.ndarray:
     """Grow a boolean mask by `pixels` in a square neighbourhood: two 1-D max filters (the square is
     separable), and no wider than the image, past which every row and column is already covered."""
