@@ -111,6 +111,39 @@ def test_checkpoints_keep_last_and_resume(golden, data, tmp_path):
     assert any(not torch.equal(final4[k], final6[k]) for k in final4)
 
 
+def test_zero_conv_lr_scale_speeds_up_the_output_convs_only(golden, data, tmp_path):
+    from brushnet.training.loop import ZERO_CONV_PREFIXES
+
+    # One Adam step moves each weight by about lr * sign(gradient), whatever the gradient's size, and the
+    # first step sees the same batch and the same gradients in both runs: the output convs (zero before
+    # it) move exactly `scale` times as far, and every other weight the same.
+    trained = {}
+    for scale in (1.0, 10.0):
+        out = tmp_path / f"scale-{scale:g}"
+        train(config(golden, data, out, max_train_steps=1, learning_rate=1e-4, zero_conv_lr_scale=scale,
+                     checkpointing_steps=1))
+        trained[scale] = BrushNetModel.from_pretrained(out).state_dict()
+    outputs = [k for k in trained[1.0] if k.startswith(ZERO_CONV_PREFIXES)]
+    assert outputs and len(outputs) < len(trained[1.0])
+    for key, one in trained[1.0].items():
+        ten = trained[10.0][key]
+        if key in outputs:
+            assert one.abs().max() > 5e-5, key  # it moved: the comparison below means something
+            torch.testing.assert_close(ten, 10 * one, rtol=1e-3, atol=1e-8)
+        else:
+            torch.testing.assert_close(ten, one, rtol=0, atol=1e-7)
+
+    # Resumed with another scale: refused in one line, with either number of parameter groups.
+    for other in (1.0, 5.0):
+        with pytest.raises(ValueError, match=r"another --zero_conv_lr_scale than") as error:
+            train(config(golden, data, tmp_path / "scale-10", max_train_steps=2, zero_conv_lr_scale=other,
+                         resume_from_checkpoint="latest"))
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="another --zero_conv_lr_scale"):
+        train(config(golden, data, tmp_path / "scale-1", max_train_steps=2, zero_conv_lr_scale=10.0,
+                     resume_from_checkpoint="latest"))
+
+
 def test_cli_with_the_reference_option_names_validation_and_tensorboard(golden, data, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"

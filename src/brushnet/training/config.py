@@ -47,6 +47,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     masked_loss_weight: float = 1.0  # > 1 weights the hole's latent pixels more; 1 = the paper's plain MSE
     noise_offset: float = 0.0  # a per-image, per-channel shift of the noise; 0 = the paper's plain noise
+    zero_conv_lr_scale: float = 1.0  # the branch's output convs learn this much faster; 1 = the paper's one rate
     seed: int | None = None
     # SDXL size conditioning of the crops
     crops_coords_top_left_h: int = 0
@@ -92,6 +93,10 @@ _HELP = {
                     "--noise_offset; 0, the default, as the paper). At high noise a latent still carries its "
                     "image's mean colour, which inference's pure noise does not; with an offset (0.1 is usual) "
                     "the branch learns to take the colours from the known region instead",
+    "zero_conv_lr_scale": "the learning rate of the branch's zero-initialised output convs (the brushnet_*_blocks "
+                          "that add into the UNet) times this (1, the default: one rate for all, as the paper). "
+                          "Above 1 the branch's residuals grow faster, for a branch that holds the known region too "
+                          "weakly",
     "report_to": "tensorboard, wandb, all or none",
     "validation_image": "images to inpaint at every validation (with --validation_mask and --validation_prompt)",
 }
@@ -146,6 +151,7 @@ _REAL = {
     "adam_weight_decay": (0, math.inf, True, False), "adam_epsilon": (0, math.inf, False, False),
     "max_grad_norm": (0, math.inf, False, False), "ema_decay": (0, 1, False, False),
     "masked_loss_weight": (0, math.inf, True, False), "noise_offset": (0, 1, True, True),
+    "zero_conv_lr_scale": (0, math.inf, False, False),
 }
 
 

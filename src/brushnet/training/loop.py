@@ -9,6 +9,7 @@ up). `accelerate launch` runs it on one or many GPUs; a plain call runs on CPU o
 
 import itertools
 import logging
+import math
 import os
 import random
 import shutil
@@ -112,7 +113,7 @@ def train(config: TrainConfig) -> Path:
     learning_rate = config.learning_rate
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(brushnet.parameters(), config, learning_rate)
+    optimizer = make_optimizer(parameter_groups(brushnet, config.zero_conv_lr_scale), config, learning_rate)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer,
         num_warmup_steps=num_warmup_steps * accelerator.num_processes,
@@ -131,7 +132,13 @@ def train(config: TrainConfig) -> Path:
     global_step = 0
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except ValueError as error:
+            if "parameter group" not in str(error):
+                raise
+            raise ValueError(lr_scale_mismatch(checkpoint, config.zero_conv_lr_scale)) from None
+        check_resumed_lr_scale(optimizer, checkpoint, config.zero_conv_lr_scale)
         global_step = _step(checkpoint)
         if global_step >= config.max_train_steps:
             logger.warning("%s is at step %d, not before --max_train_steps %d: nothing to train; its BrushNet "
@@ -353,7 +360,36 @@ def hub_options(source, revision: str | None = None) -> dict:
     return hub.local_only_if_unreachable(options) if hub.looks_like_hub_id(source) else options
 
 
-def make_optimizer(params, config: TrainConfig, learning_rate: float):
+ZERO_CONV_PREFIXES = ("brushnet_down_blocks.", "brushnet_mid_block.", "brushnet_up_blocks.")
+
+
+def parameter_groups(brushnet, zero_conv_lr_scale: float) -> list[dict]:
+    """The branch's trainable parameters for the optimiser: one group, or two when the output convs (the
+    ones that add into the UNet) learn at `zero_conv_lr_scale` times the rate. A group's "lr_scale"
+    becomes its own lr in `make_optimizer`; the lr schedulers then scale each group's initial lr."""
+    named = [(n, p) for n, p in brushnet.named_parameters() if p.requires_grad]
+    if zero_conv_lr_scale == 1.0:
+        return [{"params": [p for _, p in named]}]
+    outputs = [p for n, p in named if n.startswith(ZERO_CONV_PREFIXES)]
+    rest = [p for n, p in named if not n.startswith(ZERO_CONV_PREFIXES)]
+    return [{"params": rest}, {"params": outputs, "lr_scale": zero_conv_lr_scale}]
+
+
+def lr_scale_mismatch(checkpoint, zero_conv_lr_scale: float) -> str:
+    return (f"{checkpoint} was trained with another --zero_conv_lr_scale than {zero_conv_lr_scale:g}: resume "
+            "with the run's own value, or start a new --output_dir.")
+
+
+def check_resumed_lr_scale(optimizer, checkpoint, zero_conv_lr_scale: float) -> None:
+    """The loaded optimiser carries the checkpoint's per-group rates; a run resumed with another
+    --zero_conv_lr_scale would silently go on with the old one."""
+    initial = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    saved = initial[1] / initial[0] if len(initial) == 2 else 1.0
+    if not math.isclose(saved, zero_conv_lr_scale, rel_tol=1e-6):
+        raise ValueError(lr_scale_mismatch(checkpoint, zero_conv_lr_scale))
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig, learning_rate: float):
     optimizer_class = torch.optim.AdamW
     if config.use_8bit_adam:
         try:
@@ -361,7 +397,8 @@ def make_optimizer(params, config: TrainConfig, learning_rate: float):
         except ImportError:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only).") from None
         optimizer_class = bnb.optim.AdamW8bit
-    return optimizer_class(params, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    groups = [{"params": group["params"], "lr": learning_rate * group.get("lr_scale", 1.0)} for group in groups]
+    return optimizer_class(groups, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
