@@ -553,7 +553,7 @@ def stage_brushnet(out: Path, args, device):
         train_data_dir=str(out / "data"),
         output_dir=str(out / "brushnet"), resolution=SIZE, train_batch_size=args.batch, max_train_steps=steps,
         learning_rate=args.brushnet_lr, masked_loss_weight=args.masked_loss_weight, noise_offset=args.noise_offset,
-        zero_conv_lr_scale=args.zero_conv_lr_scale,
+        zero_conv_lr_scale=args.zero_conv_lr_scale, proportion_empty_prompts=args.brushnet_empty_prompts,
         # linear: from --brushnet-lr down to 0 over the run, no warm-up (a fine-tune starts from trained weights)
         lr_scheduler=args.brushnet_schedule, lr_warmup_steps=0, checkpointing_steps=max(min(steps // 10, 100), 1),
         checkpoints_total_limit=2, resume_from_checkpoint="latest", random_mask=False, report_to="none", seed=0,
@@ -639,6 +639,10 @@ def main():
     parser.add_argument("--noise-offset", type=float, default=0.0,
                         help="base and brushnet: a per-image, per-channel shift of the training noise (the "
                              "trainer's --noise_offset; 0: plain noise, the paper's)")
+    parser.add_argument("--brushnet-empty-prompts", type=float, default=0.0, metavar="P",
+                        help="brushnet: train this fraction of samples with the empty caption (the trainer's "
+                             "--proportion_empty_prompts; 0: always the caption), so that CFG's unconditional half "
+                             "continues the known region too")
     parser.add_argument("--zero-conv-lr-scale", type=float, default=1.0,
                         help="brushnet: the branch's output convs learn this much faster (the trainer's "
                              "--zero_conv_lr_scale; 1: one rate, the paper's)")
