@@ -264,6 +264,8 @@ def main():
     parser.add_argument("--first", type=int, default=0, help="start at this held-out scene")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="brushnet methods: the pipelines' guidance_rescale (0: plain guidance)")
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
     parser.add_argument("--vae", help="a VAE folder to decode with instead of MODEL/vae (its encoder must be the "
@@ -306,7 +308,7 @@ def main():
                 start = time.perf_counter()
                 if method == "brushnet+blend":
                     settings = InpaintSettings(prompt=prompt, steps=args.steps, guidance=args.guidance, seed=number,
-                                               blend=False)
+                                               guidance_rescale=args.guidance_rescale, blend=False)
                     raw = inpaint(pipe, scene.image, mask, settings)[0]
                     # Exactly what inpaint(blend=True) returns for this generation.
                     result = blend(scene.image, raw, mask, kernel)

@@ -78,6 +78,11 @@ def check_guidance(value, name: str = "guidance_scale") -> float:
     return check_number(value, name, low=0.0, high=MAX_GUIDANCE)
 
 
+def check_guidance_rescale(value, name: str = "guidance_rescale") -> float:
+    """0 (plain guidance) to 1 (the guided prediction fully rescaled to the positive one's spread)."""
+    return check_number(value, name, low=0.0, high=1.0)
+
+
 def check_conditioning_scale(value, name: str = "brushnet_conditioning_scale") -> float:
     return check_number(value, name, low=0.0, high=MAX_CONDITIONING_SCALE)
 

@@ -172,6 +172,9 @@ def _add_generation_options(parser) -> None:
     group = parser.add_argument_group("generation")
     group.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    group.add_argument("--guidance-rescale", type=float, default=0.0, metavar="R",
+                       help="0 to 1: pull the guided prediction back toward the prompt's own spread (diffusers' "
+                            "guidance_rescale; for zero-terminal-SNR models, about 0.7; default 0: plain guidance)")
     group.add_argument("--scale", type=float, default=1.0, help="BrushNet conditioning scale (default 1.0)")
     group.add_argument("--start", type=float, default=0.0, help="fraction of the steps where BrushNet starts")
     group.add_argument("--end", type=float, default=1.0, help="fraction of the steps where BrushNet stops")
@@ -544,7 +547,7 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
         job["extra_params"].update(keywords)
         settings = inpainting.InpaintSettings(
             prompt=job["prompt"], negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-            scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
+            guidance_rescale=args.guidance_rescale, scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
             blend=args.blend, blend_kernel=args.blend_kernel or inpainting.default_blend_kernel(pipe),
             crop_to_mask=args.crop_to_mask, context=args.context, strength=args.strength,
             brushnet_every=args.brushnet_every, vae_tiling=args.vae_tiling, extra=keywords,

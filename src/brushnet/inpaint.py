@@ -25,6 +25,7 @@ from .arguments import (
     check_conditioning_scale,
     check_control_window,
     check_guidance,
+    check_guidance_rescale,
     check_num_images,
     check_number,
     check_seed,
@@ -54,6 +55,7 @@ class InpaintSettings:
     negative_prompt: str = ""
     steps: int = 50
     guidance: float = 7.5
+    guidance_rescale: float = 0.0  # > 0: the guided prediction pulled back toward the prompt's own spread
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -96,6 +98,7 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
     name = lambda field: (names or {}).get(field, field)  # noqa: E731
     check_steps(settings.steps, name("steps"))
     check_guidance(settings.guidance, name("guidance"))
+    check_guidance_rescale(settings.guidance_rescale, name("guidance_rescale"))
     check_conditioning_scale(settings.scale, name("scale"))
     check_control_window(settings.start, settings.end, (name("start"), name("end")))
     check_num_images(settings.num_images, name("num_images"))
@@ -221,7 +224,8 @@ def _set_vae_memory(vae, tiling: bool, slicing: bool) -> None:
 
 def _optional_keywords(settings: InpaintSettings) -> dict:
     # Sent only when they differ from their defaults, so any pipeline without them still works.
-    keywords = {"strength": settings.strength, "brushnet_every": settings.brushnet_every}
+    keywords = {"strength": settings.strength, "brushnet_every": settings.brushnet_every,
+                "guidance_rescale": settings.guidance_rescale}
     return {k: v for k, v in keywords.items() if v != InpaintSettings.__dataclass_fields__[k].default}
 
 

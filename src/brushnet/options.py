@@ -19,8 +19,8 @@ from .arguments import VAE_TILING_MODES, check_number
 ONE_MODEL = ("--base and --brushnet go together: pass both (a base model and a BrushNet of the same family), "
              "or neither to use the built-in demo model")
 # The InpaintSettings fields that are command-line flags of the same name (--negative-prompt, ...).
-SETTINGS_FLAGS = ("negative_prompt", "steps", "guidance", "scale", "start", "end", "seed", "num_images",
-                  "blend_kernel", "context", "strength", "brushnet_every", "vae_tiling")
+SETTINGS_FLAGS = ("negative_prompt", "steps", "guidance", "guidance_rescale", "scale", "start", "end", "seed",
+                  "num_images", "blend_kernel", "context", "strength", "brushnet_every", "vae_tiling")
 
 
 class UserError(ValueError):

@@ -8,6 +8,7 @@ import os
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import StableDiffusionInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -16,6 +17,7 @@ from ..arguments import (
     check_conditioning_scale,
     check_control_window,
     check_guidance,
+    check_guidance_rescale,
     check_num_images,
     check_number,
     check_schedule,
@@ -193,13 +195,14 @@ class BrushNetPipelineMixin:
         return scale, start, end
 
     def check_sampling_inputs(self, num_inference_steps, timesteps, guidance_scale, num_images_per_prompt,
-                              eta=0.0) -> None:
+                              eta=0.0, guidance_rescale=0.0) -> None:
         """The sampler's numbers, before any work: steps, guidance, images per prompt, eta."""
         if timesteps is None:
             check_steps(num_inference_steps, num_train_timesteps=self.scheduler.config.num_train_timesteps)
         elif len(timesteps) == 0:
             raise ValueError("`timesteps` is empty: give at least one timestep, or num_inference_steps instead.")
         check_guidance(guidance_scale)
+        check_guidance_rescale(guidance_rescale)
         check_num_images(num_images_per_prompt)
         check_number(eta, "eta", low=0.0, high=1.0)
 
@@ -275,6 +278,19 @@ class BrushNetPipelineMixin:
         return self.scheduler.add_noise(image_latents.to(dtype), latents, timestep.repeat(batch_size))
 
     # -- one denoising step -------------------------------------------------------------------
+
+    def guided(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of a `[negative; positive]` prediction. With `guidance_rescale`
+        > 0 the guided prediction is pulled back toward the positive half's spread (diffusers'
+        `rescale_noise_cfg`, Lin et al. 2023): a large guidance otherwise overshoots, most of all on
+        zero-terminal-SNR models. At 0 (the default) it is the reference's plain combination."""
+        if not self.do_classifier_free_guidance:
+            return noise_pred
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if self.guidance_rescale > 0:
+            noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+        return noise_pred
 
     def predict_noise(self, latent_model_input, t, prompt_embeds, conditioning, scale, *, guess_mode,
                       unet_kwargs, brushnet_added_cond_kwargs=None, brushnet_prompt_embeds=None, reuse=None):

@@ -156,6 +156,7 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         blend_kernel: int = 21,
         strength: float = 1.0,
         brushnet_every: int = 1,
+        guidance_rescale: float = 0.0,
         promptA: str | list[str] | None = None,  # noqa: N803 -- the authors' keyword names
         promptB: str | list[str] | None = None,  # noqa: N803
         promptU: str | list[str] | None = None,  # noqa: N803
@@ -201,7 +202,8 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         tradoff_nag = check_number(fitting_degree if tradoff_nag is None else tradoff_nag, "tradoff_nag",
                                    low=0.0, high=1.0)
 
-        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta)
+        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
+                                   guidance_rescale)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
         scale, start, end = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
@@ -210,6 +212,7 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         self._check_unet_prompts(promptU, negative_promptU)
         _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False

@@ -47,6 +47,7 @@ class StableDiffusionBrushNetPipeline(
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
     guidance_scale = StableDiffusionPipeline.guidance_scale
+    guidance_rescale = StableDiffusionPipeline.guidance_rescale
     clip_skip = StableDiffusionPipeline.clip_skip
     do_classifier_free_guidance = StableDiffusionPipeline.do_classifier_free_guidance
     cross_attention_kwargs = StableDiffusionPipeline.cross_attention_kwargs
@@ -113,6 +114,7 @@ class StableDiffusionBrushNetPipeline(
         blend_kernel: int = 21,
         strength: float = 1.0,
         brushnet_every: int = 1,
+        guidance_rescale: float = 0.0,
     ):
         """Inpaint `image` where `mask` is white, guided by `prompt`.
 
@@ -122,7 +124,9 @@ class StableDiffusionBrushNetPipeline(
         from the image's own latent noised to that fraction of the schedule and run only that
         fraction of the steps, as diffusers' inpainting pipeline does; 1.0, the default, starts
         from pure noise) and `brushnet_every` (run the branch on every k-th step only and reuse its
-        residuals between: an approximation, off at the default 1). Unknown keywords raise `TypeError`. Returns
+        residuals between: an approximation, off at the default 1) and `guidance_rescale` (diffusers'
+        keyword, 0 to 1: the guided prediction pulled back toward the positive prompt's spread; 0,
+        the default, is plain guidance). Unknown keywords raise `TypeError`. Returns
         `StableDiffusionPipelineOutput(images, nsfw_content_detected)`.
         """
         # 1. Check inputs
@@ -130,7 +134,8 @@ class StableDiffusionBrushNetPipeline(
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta)
+        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
+                                   guidance_rescale)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
         scale, start, end = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
@@ -138,6 +143,7 @@ class StableDiffusionBrushNetPipeline(
         )
         _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
@@ -215,9 +221,7 @@ class StableDiffusionBrushNetPipeline(
                     latent_model_input, t, prompt_embeds, conditioning, scales[i],
                     guess_mode=guess_mode, unet_kwargs=unet_kwargs, **branch_kwargs,
                 )
-                if self.do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                noise_pred = self.guided(noise_pred)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -59,6 +59,7 @@ class StableDiffusionXLBrushNetPipeline(
     get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
     _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
     guidance_scale = StableDiffusionXLPipeline.guidance_scale
+    guidance_rescale = StableDiffusionXLPipeline.guidance_rescale
     clip_skip = StableDiffusionXLPipeline.clip_skip
     do_classifier_free_guidance = StableDiffusionXLPipeline.do_classifier_free_guidance
     cross_attention_kwargs = StableDiffusionXLPipeline.cross_attention_kwargs
@@ -152,13 +153,15 @@ class StableDiffusionXLBrushNetPipeline(
         blend_kernel: int = 21,
         strength: float = 1.0,
         brushnet_every: int = 1,
+        guidance_rescale: float = 0.0,
     ):
         """Inpaint `image` where `mask` is white, guided by `prompt` (and `prompt_2`).
 
         Arguments are those of the reference `StableDiffusionXLBrushNetPipeline`, plus `timesteps`,
         `mask_image` (alias of `mask`), `blend`/`blend_kernel` (blurred blending over the
         original) and `strength` (in (0, 1]: start from the image's latent noised to that fraction
-        of the schedule, as in StableDiffusionBrushNetPipeline). `original_size` defaults to the
+        of the schedule, as in StableDiffusionBrushNetPipeline), `brushnet_every` and
+        `guidance_rescale` (as there). `original_size` defaults to the
         processed image size. Unknown keywords raise `TypeError`. Returns
         `StableDiffusionXLPipelineOutput(images)`.
         """
@@ -169,7 +172,8 @@ class StableDiffusionXLBrushNetPipeline(
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta)
+        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
+                                   guidance_rescale)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
         scale, start, end = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
@@ -177,6 +181,7 @@ class StableDiffusionXLBrushNetPipeline(
         )
         _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_end = denoising_end
@@ -273,9 +278,7 @@ class StableDiffusionXLBrushNetPipeline(
                     unet_kwargs=step_unet_kwargs, brushnet_added_cond_kwargs=added_cond_kwargs,
                     **({"reuse": reuse.at_step(i)} if reuse is not None else {}),
                 )
-                if self.do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                noise_pred = self.guided(noise_pred)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -1,0 +1,103 @@
+"""guidance_rescale: diffusers' rescaled classifier-free guidance in every pipeline, the CLI and InpaintSettings."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
+from brushnet.inpaint import InpaintSettings, check_settings
+
+PROMPT = "a red cake on the table"
+PIPELINES = [("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline),
+             ("sdxl_tiny_pipeline", StableDiffusionXLBrushNetPipeline)]
+
+
+@pytest.fixture(scope="module", params=PIPELINES, ids=["sd15", "sdxl"])
+def case(request, golden):
+    name, cls = request.param
+    directory = golden(name).dir
+    pipe = cls.from_pretrained(directory)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(directory / "init_image.png").convert("RGB")
+    mask = Image.open(directory / "mask.png").convert("RGB")
+    return pipe, image, mask
+
+
+def run(case, **kwargs):
+    pipe, image, mask = case
+    return pipe(prompt=PROMPT, image=image, mask=mask, num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def rescaled(prediction, guidance, factor):
+    # Lin et al. 2023, eq. 15-16, written out here: the guided prediction scaled to the positive
+    # half's standard deviation (per sample, over channels and pixels), then mixed with the plain one.
+    negative, positive = prediction.chunk(2)
+    plain = negative + guidance * (positive - negative)
+    dims = list(range(1, plain.ndim))
+    matched = plain * positive.std(dim=dims, keepdim=True) / plain.std(dim=dims, keepdim=True)
+    return factor * matched + (1 - factor) * plain
+
+
+def test_zero_is_plain_guidance_and_a_factor_changes_the_result(case):
+    default = run(case)
+    assert np.array_equal(default, run(case, guidance_rescale=0.0))
+    assert np.abs(run(case, guidance_rescale=0.7) - default).max() > 1e-3
+
+
+def test_the_scheduler_gets_the_rescaled_prediction(case, monkeypatch):
+    pipe = case[0]
+    raw, stepped = [], []
+    predict, step = pipe.predict_noise, pipe.scheduler.step
+
+    def recording_predict(*args, **kwargs):
+        raw.append(predict(*args, **kwargs))
+        return raw[-1]
+
+    def recording_step(noise_pred, *args, **kwargs):
+        stepped.append(noise_pred)
+        return step(noise_pred, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "predict_noise", recording_predict)
+    monkeypatch.setattr(pipe.scheduler, "step", recording_step)
+    run(case, guidance_scale=6.0, guidance_rescale=0.7)
+    assert len(raw) == len(stepped) == 3
+    for prediction, given in zip(raw, stepped):
+        expected = rescaled(prediction, 6.0, 0.7)
+        assert torch.allclose(given, expected, atol=1e-5)
+        assert not torch.allclose(given, rescaled(prediction, 6.0, 0.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
+def test_impossible_factors_are_refused(case, value):
+    with pytest.raises(ValueError, match="guidance_rescale must be a number in"):
+        run(case, guidance_rescale=value)
+
+
+def test_powerpaint_takes_it(golden):
+    from test_powerpaint import BASE, PIPELINE_CASE, _images
+
+    from brushnet import load_pipeline
+
+    powerpaint = golden(PIPELINE_CASE)
+    pipe = load_pipeline(powerpaint.dir / BASE, powerpaint.dir / "PowerPaint_Brushnet")
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = _images(powerpaint, powerpaint.case["runs"][0])
+    results = [pipe(prompt="a red cake", image=image, mask=mask, num_inference_steps=2, height=32, width=48,
+                    output_type="np", generator=torch.Generator().manual_seed(0), guidance_rescale=factor).images
+               for factor in (0.0, 0.7)]
+    assert np.isfinite(results[1]).all() and np.abs(results[1] - results[0]).max() > 1e-3
+
+
+def test_settings_and_the_command_line_check_it(tmp_path, capsys):
+    with pytest.raises(ValueError, match="guidance_rescale must be a number in"):
+        check_settings(InpaintSettings(prompt="x", guidance_rescale=2.0))
+    from brushnet.cli import main
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "p.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "m.png")
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--guidance-rescale", "2",
+                 "--out", str(tmp_path / "r.png")]) == 2
+    assert "--guidance-rescale must be a number in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "r.png").exists()
