@@ -24,9 +24,9 @@ def case(request, golden):
     return pipe, image, mask
 
 
-def run(case, **kwargs):
+def run(case, num_inference_steps=3, **kwargs):
     pipe, image, mask = case
-    return pipe(prompt=PROMPT, image=image, mask=mask, num_inference_steps=3, output_type="np",
+    return pipe(prompt=PROMPT, image=image, mask=mask, num_inference_steps=num_inference_steps, output_type="np",
                 generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
@@ -101,3 +101,58 @@ def test_settings_and_the_command_line_check_it(tmp_path, capsys):
                  "--out", str(tmp_path / "r.png")]) == 2
     assert "--guidance-rescale must be a number in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "r.png").exists()
+
+
+def _cutoff_callback(pipe, ratio):
+    from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+    cls = SDXLCFGCutoffCallback if isinstance(pipe, StableDiffusionXLBrushNetPipeline) else SDCFGCutoffCallback
+    return cls(cutoff_step_ratio=ratio)
+
+
+@pytest.mark.parametrize("every", [1, 2], ids=["branch-every-step", "branch-every-2"])
+def test_diffusers_cfg_cutoff_callback_drops_guidance_after_its_step(case, every):
+    # diffusers' callback switches guidance off mid-call (guidance 0, the embeddings cut to their
+    # positive half): the loop must then run the UNet on one row, the branch with it, kept residuals
+    # included, and give a finite image; a cutoff at the last step changes nothing.
+    pipe = case[0]
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        callback = _cutoff_callback(pipe, 0.5)
+        cut = run(case, num_inference_steps=4, brushnet_every=every, callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=callback.tensor_inputs)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 2, 1]
+    assert np.isfinite(cut).all()
+    default = run(case, num_inference_steps=4, brushnet_every=every)
+    assert np.abs(cut - default).max() > 1e-4
+    callback = _cutoff_callback(pipe, 1.0)
+    never = run(case, num_inference_steps=4, brushnet_every=every, callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=callback.tensor_inputs)
+    assert np.array_equal(never, default)
+
+
+def test_powerpaint_takes_the_cfg_cutoff_callback(golden):
+    # PowerPaint's branch reads its own [negative; positive] task prompts: after the cutoff it
+    # must read the positive ones alone, as the UNet does.
+    from diffusers.callbacks import SDCFGCutoffCallback
+    from test_powerpaint import BASE, PIPELINE_CASE, _images
+
+    from brushnet import load_pipeline
+
+    powerpaint = golden(PIPELINE_CASE)
+    pipe = load_pipeline(powerpaint.dir / BASE, powerpaint.dir / "PowerPaint_Brushnet")
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = _images(powerpaint, powerpaint.case["runs"][0])
+    results = []
+    for ratio in (0.5, 1.0, None):
+        callback = None if ratio is None else SDCFGCutoffCallback(cutoff_step_ratio=ratio)
+        results.append(pipe(prompt="a red cake", image=image, mask=mask, num_inference_steps=4, height=32, width=48,
+                            output_type="np", generator=torch.Generator().manual_seed(0),
+                            callback_on_step_end=callback,
+                            callback_on_step_end_tensor_inputs=["prompt_embeds"] if callback else ["latents"]).images)
+    cut, never, default = results
+    assert np.isfinite(cut).all() and np.abs(cut - default).max() > 1e-4
+    assert np.array_equal(never, default)

@@ -307,6 +307,8 @@ class BrushNetPipelineMixin:
         if scale == 0.0:  # called as unet_forward calls it, so a compiled UNet sees one signature
             return self.unet(latent_model_input, t, prompt_embeds, return_dict=False, **unet_kwargs)[0]
         residuals = reuse.residuals(scale) if reuse is not None else None
+        if residuals is not None and residuals[1].shape[0] != latent_model_input.shape[0]:
+            residuals = None  # kept under CFG, which a step-end callback has since switched off
         if residuals is None:
             residuals = self._branch_residuals(latent_model_input, t, prompt_embeds, conditioning, scale,
                                                guess_mode, brushnet_added_cond_kwargs, brushnet_prompt_embeds)
@@ -327,6 +329,9 @@ class BrushNetPipelineMixin:
             )
         if brushnet_prompt_embeds is None:
             brushnet_prompt_embeds = prompt_embeds
+        elif not cfg and brushnet_prompt_embeds.shape[0] == 2 * latent_model_input.shape[0]:
+            # [negative; positive] task prompts, and a step-end callback has since switched CFG off
+            brushnet_prompt_embeds = brushnet_prompt_embeds.chunk(2)[1]
         text_free = branch.config.addition_embed_type is None and not branch.has_attention
         half_batch = cfg and (guess_mode or text_free)
         if half_batch:
