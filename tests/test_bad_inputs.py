@@ -518,3 +518,21 @@ def test_argument_mistakes_are_one_line_pointing_at_help(capsys, argv, prog, mes
     assert exit_.value.code == 2
     assert len(err) == 1 and err[0].startswith(f"{prog}: error: {message}"), err
     assert err[0].endswith(f"(see {prog} --help)"), err
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_depth_grey_images_are_scaled_not_clipped_to_white(tmp_path, mode):
+    # A 16-bit grey PNG or a float TIFF: PIL's convert("RGB") clips those to white, so the hole
+    # would read an all-white photo. The image is brought to 8 bits first, as a viewer shows it.
+    from brushnet.data._stream import decode_image
+    from brushnet.masks import open_image
+
+    grey = np.tile(np.linspace(0, 255, 16, dtype=np.float32), (8, 1))
+    scaled = {"I;16": (grey * 257).astype(np.uint16), "I": (grey * 257).astype(np.int32),
+              "F": grey / 255.0}[mode]
+    path = tmp_path / ("g.png" if mode == "I;16" else "g.tif")
+    Image.fromarray(scaled).save(path)
+    assert Image.open(path).mode == mode
+    for image in (open_image(path), decode_image(path.read_bytes())):
+        assert image.mode == "RGB" and image.size == (16, 8)
+        assert np.abs(np.asarray(image, dtype=np.float32)[..., 0] - grey).max() <= 1

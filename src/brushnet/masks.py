@@ -186,9 +186,9 @@ def _mask_values(image: PIL.Image.Image) -> np.ndarray:
             return alpha.astype(np.float32)
     if image.mode == "1":
         return np.asarray(image.convert("L"), dtype=np.float32)
-    if image.mode in ("L", "I", "F", "I;16"):
+    if image.mode in ("L", "F") or image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float32)
-        return values / 257.0 if image.mode in ("I", "I;16") and values.max() > 255 else values
+        return values / 257.0 if image.mode.startswith("I") and values.max() > 255 else values
     return np.asarray(image.convert("RGB"), dtype=np.float32).mean(axis=-1)
 
 
@@ -225,7 +225,22 @@ def open_image(path) -> PIL.Image.Image:
     """An RGB image from a file, with a clear error for missing or unreadable files."""
     image = _open_image(path, "image")
     # Respect the camera's orientation tag, as every photo viewer does.
-    return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    return as_rgb(PIL.ImageOps.exif_transpose(image))
+
+
+def as_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image.convert("RGB")`, except for the high-depth grey modes PIL opens 16-bit PNGs and TIFFs as
+    (I;16, I, F), which that conversion clips to white instead of scaling: those are brought to 8 bits
+    first (16-bit values by 257; float values in [0, 1] by 255)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        peak = float(values.max()) if values.size else 0.0
+        if image.mode.startswith("I;16") or peak > 255:
+            values = values / 257.0
+        elif image.mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        image = PIL.Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def transparent_hole(path) -> PIL.Image.Image | None:

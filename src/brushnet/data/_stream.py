@@ -12,6 +12,7 @@ import PIL.ImageOps
 import torch
 
 from ..arguments import check_choice
+from ..masks import as_rgb
 from .mask_mix import MASK_MIXES, parse_drawn_weights
 from .transforms import training_sample
 
@@ -46,7 +47,7 @@ def decode_image(data: bytes) -> PIL.Image.Image:
     try:
         image = PIL.Image.open(io.BytesIO(data))
         image.load()
-        return PIL.ImageOps.exif_transpose(image).convert("RGB")
+        return as_rgb(PIL.ImageOps.exif_transpose(image))
     except Exception as error:  # PIL raises many kinds of errors on bad data
         raise BrokenSample(f"undecodable image ({type(error).__name__}: {error})") from None
 

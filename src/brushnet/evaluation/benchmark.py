@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from ..masks import as_rgb
+
 MAPPING_FILE = "mapping_file.json"
 MASK_KEYS = ("inpainting_mask", "outpainting_mask")
 DEFAULT_GRID = 512
@@ -53,7 +55,7 @@ class BenchmarkItem:
         """The original as RGB, checked to have the grid's size."""
         try:
             with PIL.Image.open(self.image_path) as image:
-                image = image.convert("RGB")
+                image = as_rgb(image)
         except (OSError, PIL.UnidentifiedImageError) as error:
             raise ValueError(f"Item {self.id}: the image {self.image_path} could not be read ({error}).") from None
         if image.size != (self.grid, self.grid):
