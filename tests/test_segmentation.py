@@ -225,7 +225,7 @@ def test_mask_command_writes_the_selection(tmp_path, models, segmenter, image, c
 
 @pytest.mark.parametrize("extra, message", [
     (["--point", "5,5"], "need --segmenter"),
-    (["--segmenter", "SAM"], "nothing selects the region to fill"),
+    (["--segmenter", "SAM"], "nothing selects the objects to mask: give --point X,Y or --box"),
     (["--segmenter", "SAM", "--text", "a dog"], "--text needs --detector"),
     (["--segmenter", "SAM", "--point", "5,5", "--threshold", "0.5"], "--threshold is only used with --text"),
     (["--segmenter", "SAM", "--text", "a dog", "--detector", "D", "--threshold", "0"],

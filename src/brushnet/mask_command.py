@@ -68,11 +68,15 @@ def has_selection(args) -> bool:
     return bool(args.point or args.negative_point or args.box or args.text)
 
 
-def check_selection_args(args, mask_given: bool = False) -> None:
-    """What can be checked before the image is read: a selection and the models it needs."""
+def check_selection_args(args, mask_given: bool = False, mask_accepted: bool = True) -> None:
+    """What can be checked before the image is read: a selection and the models it needs.
+    `mask_accepted`: the command also takes a MASK file (inpaint does, `brushnet mask` does not)."""
     if mask_given and has_selection(args):
         raise UserError("give either MASK or --point/--box/--text, not both")
     if not has_selection(args):
+        if not mask_accepted:
+            raise UserError("nothing selects the objects to mask: give --point X,Y or --box X0,Y0,X1,Y1 with "
+                            "--segmenter, or --text WORDS with --detector and --segmenter")
         if not mask_given:
             raise UserError("nothing selects the region to fill: give MASK, or --point/--box/--text with --segmenter "
                             "(or erase the hole to transparent in IMAGE)")
@@ -146,7 +150,7 @@ def cmd_mask(args) -> int:
     from .masks import open_image
     from .metadata import save_png
 
-    check_selection_args(args)
+    check_selection_args(args, mask_accepted=False)
     image_path = Path(args.image)
     out = Path(args.out) if args.out else Path(f"{image_path.stem}-mask.png")
     if args.out and (out.is_dir() or args.out.endswith(("/", os.sep))):
