@@ -473,8 +473,9 @@ def test_metric_selection():
         M.resolve_metrics("auto", {"aesthetic": "y"})
     with pytest.raises(ValueError, match="image_reward needs --image-reward-weights"):
         M.resolve_metrics("psnr,image_reward")
-    with pytest.raises(ValueError, match="Unknown metric 'ssim'"):
+    with pytest.raises(ValueError, match="Unknown metric 'ssim'") as refused:
         M.resolve_metrics(["ssim"])
+    assert "planned" not in str(refused.value)  # nothing is planned: no empty "(planned: )"
     with pytest.raises(ValueError, match="must be 2 paths"):
         M.resolve_metrics("lpips", {"lpips": "one.pth"})
 

@@ -270,7 +270,8 @@ def resolve_metrics(selection: str | Sequence[str] = "auto", weights: Mapping | 
             raise ValueError(f"The metric {name} ({PLANNED[name]}) is not implemented yet; "
                              f"available: {', '.join(METRICS)}.")
         if name not in METRICS:
-            raise ValueError(f"Unknown metric {name!r}; available: {', '.join(METRICS)} (planned: {', '.join(PLANNED)}).")
+            planned = f" (planned: {', '.join(PLANNED)})" if PLANNED else ""
+            raise ValueError(f"Unknown metric {name!r}; available: {', '.join(METRICS)}{planned}.")
     names = _ordered(names)
 
     missing = {}
