@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from ..masks import as_rgb
-
 MAPPING_FILE = "mapping_file.json"
 MASK_KEYS = ("inpainting_mask", "outpainting_mask")
 DEFAULT_GRID = 512
@@ -53,6 +51,8 @@ class BenchmarkItem:
 
     def load_image(self) -> PIL.Image.Image:
         """The original as RGB, checked to have the grid's size."""
+        from ..masks import as_rgb  # here: the command line's parser imports this module, and masks imports torch
+
         try:
             with PIL.Image.open(self.image_path) as image:
                 image = as_rgb(image)
