@@ -536,3 +536,28 @@ def test_high_depth_grey_images_are_scaled_not_clipped_to_white(tmp_path, mode):
     for image in (open_image(path), decode_image(path.read_bytes())):
         assert image.mode == "RGB" and image.size == (16, 8)
         assert np.abs(np.asarray(image, dtype=np.float32)[..., 0] - grey).max() <= 1
+
+
+def test_arrays_and_tensors_as_people_pass_them_give_the_pil_result(pipe, photo):
+    # np.asarray(pil) is (H, W, C) uint8 and torchvision's read_image (C, H, W) uint8: diffusers'
+    # size reading took the array's width for its height (a 32x2 result) and failed on the
+    # tensor, and its preprocess read 0-255 as 0-1.
+    image, mask = Image.open(photo[0]).convert("RGB"), Image.open(photo[1])
+    pixels = np.array(image)
+
+    def run(picture):
+        return pipe(prompt="x", image=picture, mask=mask, num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    expected = run(image)
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    for picture in (pixels, pixels / 255.0, chw, chw.float() / 255, chw[None].float() / 255, [pixels]):
+        result = run(picture)
+        assert result.shape == expected.shape == (1, 32, 32, 3)
+        assert np.abs(result - expected).max() < 1e-5
+
+
+def test_an_unknown_output_type_is_refused(pipe, photo):
+    image, mask = Image.open(photo[0]), Image.open(photo[1])
+    with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent'; got 'jpeg'"):
+        pipe(prompt="x", image=image, mask=mask, num_inference_steps=2, output_type="jpeg")

@@ -69,6 +69,19 @@ def image_size(image) -> tuple[int, int]:
     raise TypeError(f"Expected a PIL image, numpy array or torch tensor, not {type(image).__name__}.")
 
 
+def unit_range(image):
+    """8-bit arrays and tensors (np.asarray of a PIL image, torchvision's read_image) as floats in
+    [0, 1], the range diffusers' preprocess expects of them and would otherwise take 0-255 as;
+    PIL images, float data and lists of them pass through as they are."""
+    if isinstance(image, (list, tuple)):
+        return [unit_range(x) for x in image]
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        return image.float() / 255.0
+    return image
+
+
 def batch_size_of(images) -> int:
     """How many images a pipeline input holds (a list, a batched array/tensor, or one image)."""
     if isinstance(images, (list, tuple)):

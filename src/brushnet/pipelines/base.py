@@ -23,11 +23,13 @@ from ..arguments import (
     check_schedule,
     check_steps,
 )
-from ..masks import batch_size_of, check_same_size, image_size, latent_keep_mask, preprocess_mask
+from ..masks import batch_size_of, check_same_size, image_size, latent_keep_mask, preprocess_mask, unit_range
 from ..models import BrushNetModel, count_residuals, unet_forward
 from ..models.injection import install_residual_slots
 from ..models.compatibility import mismatch_message
 from .blending import blend_tensors
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 logger = logging.getLogger(__name__)
 # torch.compile's backend for `enable_fast_path` (tests use "aot_eager": the same graph capture
@@ -195,8 +197,11 @@ class BrushNetPipelineMixin:
         return scale, start, end
 
     def check_sampling_inputs(self, num_inference_steps, timesteps, guidance_scale, num_images_per_prompt,
-                              eta=0.0, guidance_rescale=0.0) -> None:
-        """The sampler's numbers, before any work: steps, guidance, images per prompt, eta."""
+                              eta=0.0, guidance_rescale=0.0, output_type="pil") -> None:
+        """The sampler's numbers, before any work: steps, guidance, images per prompt, eta, and the
+        output type (diffusers warns on an unknown one and returns numpy arrays; here it is an error)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}.")
         if timesteps is None:
             check_steps(num_inference_steps, num_train_timesteps=self.scheduler.config.num_train_timesteps)
         elif len(timesteps) == 0:
@@ -216,9 +221,11 @@ class BrushNetPipelineMixin:
         Returns (image in [-1, 1] with the hole blacked out, hole mask with 1 = fill, conditioning
         latents for the branch: masked-image latent + keep mask), each with `batch_size` rows.
         """
-        height, width = self.image_processor.get_default_height_width(
-            image[0] if isinstance(image, (list, tuple)) else image, height, width
-        )
+        image = unit_range(image)
+        # Our own reading of the size: diffusers' takes an (H, W, C) array's W for its height and
+        # fails on a (C, H, W) tensor, shapes its preprocess otherwise accepts.
+        own_height, own_width = image_size(image[0] if isinstance(image, (list, tuple)) else image)
+        height, width = height or own_height, width or own_width
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
         hole = preprocess_mask(mask, self.image_processor, height, width)
         if pixels.shape[0] != hole.shape[0]:  # one mask for many images, or the reverse

@@ -203,7 +203,7 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
                                    low=0.0, high=1.0)
 
         self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
-                                   guidance_rescale)
+                                   guidance_rescale, output_type)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
         scale, start, end = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
