@@ -180,7 +180,32 @@ def test_batch_mode_with_a_missing_mask_fails_before_loading(tmp_path, capsys):
     _photo(tmp_path / "i" / "b.png", (16, 16))
     _mask(tmp_path / "m" / "a.png", (16, 16), (2, 2, 8, 8))
     assert main(["inpaint", str(tmp_path / "i"), str(tmp_path / "m"), "-p", "x"]) == 2
-    assert "no mask" in capsys.readouterr().err and "b.png" in capsys.readouterr().err + "b.png"
+    err = capsys.readouterr().err
+    assert "no mask" in err and "b.png" in err
+
+
+def test_one_mask_file_serves_a_folder_of_images(tmp_path, models, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for i in range(2):
+        _photo(images / f"img{i}.png", (40, 32), seed=i)
+    _photo(images / "wide.png", (48, 32), seed=5)
+    _mask(tmp_path / "m.png", (40, 32), (5, 5, 20, 20))
+    args = ["--prompt", "a bird", "--seed", "0", *models]
+    # the image of another size fails by name and the others are made
+    assert main(["inpaint", str(images), str(tmp_path / "m.png"), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "wide.png" in err and "img0" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png"]
+    for name in ("img0", "img1"):
+        assert main(["inpaint", str(images / f"{name}.png"), str(tmp_path / "m.png"), "--out",
+                     str(tmp_path / f"{name}-alone.png"), *args]) == 0
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")),
+                              np.asarray(Image.open(tmp_path / f"{name}-alone.png")))
+        assert read_png_params(out / f"{name}.png")["source_mask"] == "m.png"
+    capsys.readouterr()
+    assert main(["inpaint", str(images / "img0.png"), str(tmp_path), "-p", "x", "--out", str(tmp_path / "x.png")]) == 2
+    assert "is a folder but IMAGE" in capsys.readouterr().err
 
 
 def test_several_images_get_their_own_seeds(tmp_path, models):

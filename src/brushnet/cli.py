@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "folders: images and masks are then paired by file name (stem).")
     inpaint.add_argument("image", metavar="IMAGE", help="image file, or a folder of images")
     inpaint.add_argument("mask", metavar="MASK", nargs="?",
-                         help="mask file (white = fill), or a folder of masks; or select with --point/--box/--text")
+                         help="mask file (white = fill), or a folder of masks (one mask file also serves a whole folder of "
+                              "images); or select with --point/--box/--text")
     _add_prompt_options(inpaint, batch=True)
     _add_task_options(inpaint)
     masks = inpaint.add_argument_group("mask")
@@ -420,8 +421,9 @@ def _inpaint_jobs(args) -> list[dict]:
         raise UserError("--point/--box/--text select in one image: IMAGE must be a file (for a folder, give MASK)")
     if mask is not None and not mask.exists():
         raise UserError(f"{mask} does not exist")
-    if mask is not None and image.is_dir() != mask.is_dir():
-        raise UserError("IMAGE and MASK must both be files or both be folders")
+    if mask is not None and mask.is_dir() and not image.is_dir():
+        raise UserError(f"MASK {mask} is a folder but IMAGE {image} is a file: give one mask file for one image "
+                        "(a folder of masks goes with a folder of images)")
     if not image.is_dir():
         out = Path(args.out) if args.out else Path(f"{image.stem}-inpainted.png")
         if out.is_dir():  # an existing folder: the result goes inside it, named as without --out
@@ -433,7 +435,8 @@ def _inpaint_jobs(args) -> list[dict]:
                  "extra_params": {"mask_from": "transparency"} if transparent is not None else {}}]
 
     images = _images_in(image)
-    masks = {p.stem: p for p in _images_in(mask)}
+    # One mask file serves every image of the folder (the same hole in a series of shots).
+    masks = {p.stem: p for p in _images_in(mask)} if mask.is_dir() else {p.stem: mask for p in images}
     if not images:
         raise UserError(f"no images in {image}")
     missing = [p.name for p in images if p.stem not in masks]
