@@ -561,3 +561,34 @@ def test_an_unknown_output_type_is_refused(pipe, photo):
     image, mask = Image.open(photo[0]), Image.open(photo[1])
     with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent'; got 'jpeg'"):
         pipe(prompt="x", image=image, mask=mask, num_inference_steps=2, output_type="jpeg")
+
+
+def test_inpaint_takes_numpy_arrays_as_it_takes_pil_images(pipe, photo):
+    image, mask = Image.open(photo[0]).convert("RGB"), Image.open(photo[1]).convert("L")
+    settings = InpaintSettings(prompt="x", steps=2, seed=0)
+    expected = np.asarray(inpaint(pipe, image, mask, settings)[0])
+    hole = np.asarray(mask) > 127
+    for picture, hole_as in ((np.array(image), hole), (np.array(image) / 255.0, np.array(mask)),
+                             (np.array(image), hole[..., None].astype(np.float32))):
+        assert np.array_equal(np.asarray(inpaint(pipe, picture, hole_as, settings)[0]), expected)
+    with pytest.raises(ValueError, match=r"The image array has shape \(32, 32, 2\)"):
+        inpaint(pipe, np.zeros((32, 32, 2), np.uint8), hole, settings)
+    with pytest.raises(ValueError, match="NaN"):
+        inpaint(pipe, np.full((32, 32, 3), np.nan), hole, settings)
+    with pytest.raises(TypeError, match="The mask must be a PIL image or a numpy array, not str"):
+        inpaint(pipe, image, "m.png", settings)
+
+
+def test_sdxl_prompt_2_of_another_batch_and_impossible_denoising_end(golden):
+    from brushnet import StableDiffusionXLBrushNetPipeline
+
+    directory = golden("sdxl_tiny_pipeline").dir
+    sdxl = StableDiffusionXLBrushNetPipeline.from_pretrained(directory)
+    image, mask = Image.open(directory / "init_image.png"), Image.open(directory / "mask.png")
+    with pytest.raises(ValueError, match="`prompt_2` has 2 entries for 1 prompts"):
+        sdxl(prompt="x", prompt_2=["a", "b"], image=image, mask=mask, num_inference_steps=2)
+    with pytest.raises(ValueError, match="`negative_prompt_2` has 3 entries for 2 prompts"):
+        sdxl(prompt=["x", "y"], negative_prompt_2=["a", "b", "c"], image=image, mask=mask, num_inference_steps=2)
+    for value in (0.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"denoising_end must be a number in \(0, 1\]"):
+            sdxl(prompt="x", image=image, mask=mask, num_inference_steps=2, denoising_end=value)

@@ -32,6 +32,7 @@ from .arguments import (
     check_steps,
     check_text,
 )
+from .masks import to_pil
 from .pipelines.blending import blend
 from .regions import crop_window, hole_box, working_size
 
@@ -122,7 +123,7 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
 def inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: InpaintSettings,
             callback=None) -> list[PIL.Image.Image]:
     """Inpaint `image` where the binary `mask` is white; returns `settings.num_images` images of
-    the image's size. `callback(step, total)` is called after every denoising step."""
+    the image's size. Image and mask are PIL images or numpy arrays (uint8, bool or float 0-1). `callback(step, total)` is called after every denoising step."""
     return list(iter_inpaint(pipe, image, mask, settings, callback))
 
 
@@ -131,8 +132,8 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
     """`inpaint`, yielding each image as soon as its chunk of IMAGES_PER_CALL is done, so a caller
     can save them as they come; memory stays that of one chunk however many images are asked."""
     check_settings(settings)
-    image = image.convert("RGB")
-    mask = mask.convert("L")
+    image = to_pil(image, "image").convert("RGB")
+    mask = to_pil(mask, "mask").convert("L")
     blend_kernel = settings.blend_kernel or default_blend_kernel(pipe)
     if image.size != mask.size:
         raise ValueError(

@@ -82,6 +82,30 @@ def unit_range(image):
     return image
 
 
+def to_pil(picture, what: str) -> PIL.Image.Image:
+    """A PIL image of a PIL image or an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array: uint8 0-255,
+    bool, or float 0-1 (what `np.asarray(photo)` and `photo / 255` give)."""
+    if isinstance(picture, PIL.Image.Image):
+        return picture
+    if not isinstance(picture, np.ndarray):
+        raise TypeError(f"The {what} must be a PIL image or a numpy array, not {type(picture).__name__}.")
+    if picture.ndim == 3 and picture.shape[-1] == 1:
+        picture = picture[..., 0]
+    if picture.ndim not in (2, 3) or (picture.ndim == 3 and picture.shape[-1] not in (3, 4)) or 0 in picture.shape:
+        raise ValueError(f"The {what} array has shape {picture.shape}; give (height, width) or (height, width, 3).")
+    if picture.dtype == bool:
+        picture = picture.astype(np.uint8) * 255
+    elif picture.dtype.kind == "f":
+        if not np.isfinite(picture).all():
+            raise ValueError(f"The {what} array holds NaN or infinite values.")
+        picture = np.clip(np.rint(picture * 255.0), 0, 255).astype(np.uint8)
+    elif picture.dtype != np.uint8:
+        if picture.min() < 0 or picture.max() > 255:
+            raise ValueError(f"The {what} array holds {picture.dtype} values outside 0-255: give uint8 or floats in 0-1.")
+        picture = picture.astype(np.uint8)
+    return PIL.Image.fromarray(np.ascontiguousarray(picture))
+
+
 def batch_size_of(images) -> int:
     """How many images a pipeline input holds (a list, a batched array/tensor, or one image)."""
     if isinstance(images, (list, tuple)):

@@ -26,6 +26,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from ..arguments import check_number
 from ..models import BrushNetModel
 from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
 from .pipeline_sd import _check_callback_inputs, _resolve_mask
@@ -172,6 +173,13 @@ class StableDiffusionXLBrushNetPipeline(
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        for name, texts in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+            if isinstance(texts, (list, tuple)) and len(texts) != batch_size:
+                # diffusers' encode_prompt fails later with a tensor-size error
+                raise ValueError(f"`{name}` has {len(texts)} entries for {batch_size} prompts: give one string, "
+                                 "or one per prompt.")
+        if denoising_end is not None:
+            check_number(denoising_end, "denoising_end", low=0.0, high=1.0, low_inclusive=False)
         self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
                                    guidance_rescale, output_type)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
