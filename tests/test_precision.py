@@ -69,3 +69,26 @@ def test_bf16_drift_on_the_golden_pipelines(golden, case_name, pipeline_class):
     drift = np.abs(outputs[torch.bfloat16].astype(np.float64) - outputs[torch.float32]).mean()
     print(f"{case_name}: mean |bf16 - fp32| = {drift:.2e}")
     assert 0 < drift <= MAX_MEAN_DRIFT
+
+
+def test_fp16_on_a_cpu_is_one_warning_not_diffusers_three(tmp_path, golden, capfd):
+    from PIL import Image
+
+    from brushnet.cli import main
+
+    warned_before = options._warned_cpu_fp16
+    base = golden("sd15_tiny_pipeline").dir
+    Image.new("RGB", (32, 32), "yellow").save(tmp_path / "p.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(tmp_path / "m.png")
+    try:
+        options._warned_cpu_fp16 = False
+        assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--steps", "1",
+                     "--dtype", "fp16", "--base", str(base), "--brushnet", str(base / "brushnet"),
+                     "--out", str(tmp_path / "r.png")]) == 0
+    finally:
+        options._warned_cpu_fp16 = warned_before
+    err = capfd.readouterr().err
+    assert err.count("--dtype fp16 is for GPUs") == 1 and "cannot run with `cpu` device" not in err
+    assert (tmp_path / "r.png").is_file()

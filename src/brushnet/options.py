@@ -8,6 +8,7 @@ them imports this module, never one another.
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -197,13 +198,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 _warned_emulated_bf16 = False
+_warned_cpu_fp16 = False
 
 
 def resolve_dtype(name: str, device: str):
     """--dtype as a torch dtype. auto: fp16 on GPUs; on CPUs bf16 where it is native, else fp32."""
     import torch
 
-    global _warned_emulated_bf16
+    global _warned_emulated_bf16, _warned_cpu_fp16
     if name == "auto":
         if device != "cpu":
             return torch.float16
@@ -212,7 +214,19 @@ def resolve_dtype(name: str, device: str):
         _warned_emulated_bf16 = True
         print("brushnet: warning: this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, about 40x "
               "slower than fp32; --dtype auto picks the fast one", file=sys.stderr)
+    if name == "fp16" and device == "cpu" and not _warned_cpu_fp16:
+        _warned_cpu_fp16 = True
+        # Measured: a 3x3 convolution of SD1.5's first block took 1.8x fp32's time in fp16 (and a fifth
+        # of it in bf16) on an AMX CPU, one thread, torch 2.13.
+        print("brushnet: warning: --dtype fp16 is for GPUs; on a CPU torch runs it slower than fp32: --dtype auto "
+              "picks bf16 where the CPU has it, else fp32", file=sys.stderr)
+        # diffusers says much the same, once for every pipeline move: one line is enough.
+        logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_drop_cpu_fp16_notice)
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _drop_cpu_fp16_notice(record) -> bool:
+    return "cannot run with `cpu` device" not in record.getMessage()
 
 
 def check_scheduler(name: str) -> None:
