@@ -64,7 +64,8 @@ def test_lora_mistakes_are_one_line(golden, tmp_path, lora_file, capsys):
     for extra, message in ((["--lora", str(tmp_path / "nope.safetensors")], "does not exist"),
                            (["--lora", str(tmp_path / "old.bin")], "not a .safetensors file"),
                            (["--lora", str(tmp_path / "notes.safetensors")], "could not be loaded into this base"),
-                           (["--lora", f"{lora_file}:50"], "weight must be a number in [-10, 10]")):
+                           (["--lora", f"{lora_file}:50"], "weight must be a number in [-10, 10]"),
+                           (["--lora", f"{lora_file}:strong"], "'strong' is not a weight; give FILE[:WEIGHT]")):
         capsys.readouterr()
         assert main([*run, *extra]) == 2, extra
         err = capsys.readouterr().err

@@ -292,6 +292,9 @@ def load_loras(pipe, specs: list[str], allow_pickle: bool = False) -> None:
     for k, spec in enumerate(specs):
         path, weight = parse_lora(spec)
         if not path.is_file():
+            file, sep, tail = spec.rpartition(":")
+            if sep and Path(file).is_file():
+                raise UserError(f"--lora {spec}: {tail!r} is not a weight; give FILE[:WEIGHT], e.g. {file}:0.8")
             raise UserError(f"--lora {path} does not exist (give a .safetensors file)")
         if path.suffix != ".safetensors" and not allow_pickle:
             raise UserError(f"--lora {path} is not a .safetensors file; loading a pickle can run code: convert it, or "
