@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     pack = data_commands.add_parser(
         "pack", help="write a folder of images (+ .txt captions, masks) as BrushData .tar shards")
-    pack.add_argument("folder", metavar="FOLDER")
-    pack.add_argument("out", metavar="OUT_DIR")
+    pack.add_argument("folder", metavar="FOLDER",
+                      help="images (.png/.jpg/.webp) with same-name .txt captions, optional masks/NAME.png "
+                           "(white = hole) or NAME.json segmentations")
+    pack.add_argument("out", metavar="OUT_DIR", help="folder for the brushdata-NNNNN.tar shards (made if missing)")
     pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--overwrite", action="store_true", help="replace existing shards")
     pack.set_defaults(func=cmd_data_pack)
