@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write
 from .config import TrainConfig, check_options, warmup_steps
 
 logger = logging.getLogger(__name__)
@@ -600,7 +601,8 @@ def run_validation(accelerator, brushnet, ema, base: dict, noise_scheduler, conf
                 images = pipe(prompt, image=image, mask=mask, num_inference_steps=config.validation_inference_steps,
                               num_images_per_prompt=config.num_validation_images, generator=generator).images
             for k, result in enumerate(images):
-                result.save(folder / f"{index}-{k}.png")
+                with atomic_write(folder / f"{index}-{k}.png") as f:  # an interrupted run leaves no half a PNG
+                    result.save(f, format="PNG")
             logged.append(np.stack([np.asarray(im) for im in images]))
     finally:
         if ema is not None:
