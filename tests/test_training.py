@@ -412,6 +412,28 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(golden, data, tmp_pat
     BrushNetModel.from_pretrained(out / "checkpoint-6" / "brushnet")
 
 
+def test_an_interrupted_final_save_leaves_no_half_model(golden, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = BrushNetModel.save_pretrained
+
+    def interrupted(self, save_directory, *args, **kwargs):
+        if "checkpoint" in str(save_directory):
+            return real_save(self, save_directory, *args, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)  # Ctrl-C halfway through the weights
+        with open(os.path.join(save_directory, "diffusion_pytorch_model.safetensors"), "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BrushNetModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(golden, data, out, max_train_steps=2, checkpointing_steps=2))
+    monkeypatch.setattr(BrushNetModel, "save_pretrained", real_save)
+    assert not (out / "diffusion_pytorch_model.safetensors").exists() and not (out / "config.json").exists()
+    train(config(golden, data, out, max_train_steps=2, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    BrushNetModel.from_pretrained(out)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_resume_skips_incomplete_checkpoints(golden, data, tmp_path, caplog, capsys):
     import logging
     import shutil

@@ -226,7 +226,14 @@ def train(config: TrainConfig) -> Path:
         final = accelerator.unwrap_model(brushnet)
         if ema is not None:
             ema.copy_to(final.parameters())
-        final.save_pretrained(output_dir)
+        # Written beside and moved in file by file, so an interrupted save leaves no half a
+        # safetensors file where a user would load it (the last checkpoint holds the same weights).
+        staging = Path(output_dir) / ".brushnet-final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        final.save_pretrained(staging)
+        for written in sorted(staging.iterdir()):
+            os.replace(written, Path(output_dir) / written.name)
+        staging.rmdir()
     accelerator.end_training()
     progress.close()
     skipped = getattr(dataset, "skipped", 0)
