@@ -158,7 +158,7 @@ def test_batch_mode_pairs_by_stem_skips_done_and_overwrites_on_request(tmp_path,
     for i, size in enumerate([(40, 32), (33, 25), (50, 50)]):
         _photo(images / f"img{i}.jpg", size, seed=i)
         _mask(masks / f"img{i}.png", size, (5, 5, 20, 20))
-    (images / "prompts.txt").write_text("img0: a cat\nimg1: a dog\n")
+    (images / "prompts.txt").write_text("img0: a cat\r\nimg1: a dog\r\n", encoding="utf-8-sig", newline="")  # Notepad's
     args = ["inpaint", str(images), str(masks), "--prompt", "a bird", "--out", str(out), "--seed", "0", *models]
     assert main(args) == 0
     written = sorted(p.name for p in out.iterdir())

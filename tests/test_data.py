@@ -484,13 +484,14 @@ def folder(tmp_path):
     for i, (name, fmt) in enumerate([("a", "PNG"), ("b", "JPEG"), ("c", "PNG"), ("d", "WEBP"), ("e", "JPEG")]):
         ext = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}[fmt]
         (root / f"{name}{ext}").write_bytes(_encode(_pixels(i), fmt))
-        if name != "e":
-            (root / f"{name}.txt").write_text(f"caption {name}\n", encoding="utf-8")
+        if name != "e":  # b's caption as Windows' Notepad saves it: a BOM and CRLF
+            (root / f"{name}.txt").write_text(f"caption {name}\r\n" if name == "b" else f"caption {name}\n",
+                                              encoding="utf-8-sig" if name == "b" else "utf-8", newline="")
     hole = np.zeros((H, W), np.uint8)
     hole[5:15, 10:20] = 255  # white = hole
     Image.fromarray(hole).save(root / "masks" / "a.png")
     Image.fromarray(255 - hole).convert("RGB").save(root / "masks" / "b.png")
-    (root / "c.json").write_text(json.dumps(SEGMENTATION))
+    (root / "c.json").write_text(json.dumps(SEGMENTATION), encoding="utf-8-sig")
     (root / "notes.md").write_text("not an image")
     return root
 

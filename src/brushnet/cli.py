@@ -473,7 +473,7 @@ def _read_prompts(args, image_dir: Path) -> dict[str, str]:
         if path is None:
             return {}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Notepad starts UTF-8 with a BOM
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     if path.suffix == ".json":

@@ -93,7 +93,7 @@ def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
     caption = ""
     if item.caption is not None:
         try:
-            caption = item.caption.read_text(encoding="utf-8").strip()
+            caption = item.caption.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM is no word
         except (OSError, UnicodeDecodeError) as error:
             raise BrokenSample(f"unreadable caption file ({error})") from None
     masks, object_captions, background_caption = [], [], None
@@ -119,7 +119,7 @@ def read_hole_captions(path: Path, count: int) -> tuple[list[str], str | None]:
     """The optional "captions" (one per mask) and "background_caption" of a segmentation JSON;
     ([], None) where absent or malformed, so they never make a sample unusable."""
     try:
-        segmentation = json.loads(Path(path).read_text(encoding="utf-8"))
+        segmentation = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return [], None
     captions = segmentation.get("captions")
@@ -132,7 +132,7 @@ def read_hole_captions(path: Path, count: int) -> tuple[list[str], str | None]:
 def read_segmentation(path: Path, height: int, width: int) -> list:
     """The RLE list of a {"mask": [rle, ...]} JSON file, each checked against height x width."""
     try:
-        segmentation = json.loads(Path(path).read_text(encoding="utf-8"))
+        segmentation = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as error:
         raise BrokenSample(f"bad segmentation JSON {Path(path).name} ({error})") from None
     if not isinstance(segmentation, dict) or not isinstance(segmentation.get("mask"), list):

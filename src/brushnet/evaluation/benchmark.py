@@ -109,7 +109,7 @@ def load_benchmark(bench_dir: str | os.PathLike, mask_key: str = "inpainting_mas
     if not mapping_path.is_file():
         raise ValueError(f"{root} has no {MAPPING_FILE}: pass a BrushBench or EditBench folder.")
     try:
-        mapping = json.loads(mapping_path.read_text(encoding="utf-8"))
+        mapping = json.loads(mapping_path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{mapping_path} is not valid JSON ({error}).") from None
     if not isinstance(mapping, dict) or not mapping:
