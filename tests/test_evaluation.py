@@ -200,7 +200,7 @@ def test_rle_is_decoded_row_major_and_starts_at_one(tmp_path):
     Image.new("RGB", (4, 4)).save(root / "images" / "a.png")
     # Runs (1-based starts) on the flattened 4x4 grid read row by row: positions 2-4 and 8-9.
     mapping = {"7": {"image": "images/a.png", "caption": "c", "inpainting_mask": [2, 3, 8, 2]}}
-    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    (root / "mapping_file.json").write_text(json.dumps(mapping), encoding="utf-8-sig")  # a BOM, as Notepad saves
     bench = load_benchmark(root, grid=4)
     expected = np.array([[0, 1, 1, 1],
                          [0, 0, 0, 1],
