@@ -431,3 +431,15 @@ def test_signed_numbers_after_a_space_are_values_and_nothing_else_is_joined():
     for argv in (["--prompt", "-a red circle"], ["-p", "-inf"], ["--guidance=1", "-5"], ["--", "-5"],
                  ["--steps", "-e5"], ["--", "--x", "-5"], ["--point", "-3,x"], ["--point", "-3,,5"]):
         assert join_signed_numbers(argv) == argv
+
+
+def test_a_mask_drawn_the_other_way_round_gets_a_note(tmp_path, models, capsys):
+    _photo(tmp_path / "p.png", (32, 32))
+    hole = _mask(tmp_path / "m.png", (32, 32), (8, 8, 20, 20))
+    Image.fromarray(np.where(hole, 0, 255).astype(np.uint8)).save(tmp_path / "inverted.png")  # object black
+    run = ["inpaint", str(tmp_path / "p.png"), "-p", "x", *models]
+    assert main([*run[:2], str(tmp_path / "inverted.png"), *run[2:], "--out", str(tmp_path / "a.png")]) == 0
+    assert "note: the hole is 86% of" in capsys.readouterr().out and (tmp_path / "a.png").is_file()
+    for mask, extra in (("inverted.png", ["--invert-mask"]), ("m.png", [])):
+        assert main([*run[:2], str(tmp_path / mask), *run[2:], *extra, "--out", str(tmp_path / f"b{mask}")]) == 0
+        assert "note: the hole" not in capsys.readouterr().out

@@ -25,6 +25,9 @@ from .options import (
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+HOLE_SHARE_NOTE = 0.75  # a hole this large gets a note that the mask may be drawn the other way round
+
+
 # -- argument parsing ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +291,12 @@ def _read_job(job, args):
                             f"(white){lower}")
         raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: "
                         "nothing to inpaint (white = fill; --invert-mask if your hole is black)")
+    hole_share = mask.histogram()[255] / (mask.width * mask.height)  # load_mask's masks are 0 or 255
+    if HOLE_SHARE_NOTE <= hole_share < 1 and not args.invert_mask:
+        # Most likely a mask drawn the other way round (the object black on white); say so, but go on:
+        # a large hole is also what some people mean.
+        say(f"note: the hole is {hole_share:.0%} of {job['image']} (white = fill); if your mask marks the hole "
+            "in black, pass --invert-mask")
     return image, mask
 
 
