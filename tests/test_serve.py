@@ -292,6 +292,11 @@ def test_browser_click_selects_the_object_and_powerpaint_tasks(server, files, tm
             page.get_by_role("option", name="built-in demo model").click()
             page.locator("#task").wait_for(state="hidden", timeout=30_000)
             assert not page.locator("#fitting-degree").is_visible()
+
+            # A mask of another size is told when it is uploaded, not first when Inpaint is pressed
+            # (the preview's warning never reached the page while that event was not queued).
+            page.set_input_files("#mask-upload input[type=file]", str(files.other_size_mask))
+            page.get_by_text("The mask is 100x80 but the image is 64x64").wait_for(timeout=30_000)
         finally:
             browser.close()
 
@@ -835,6 +840,8 @@ def test_mask_from_strokes_upload_and_invert():
     ({"blend_kernel": 20}, "blend kernel must be odd"),
     ({"guidance": float("nan")}, "guidance must be a finite number"),
     ({"seed": -2}, "seed must be a whole number from -1"),
+    ({"seed": 1.5}, "seed must be a whole number from -1"),  # the field no longer rounds it to 2
+    ({"steps": None}, "steps is empty: enter a number"),
     ({"strength": 0}, "strength must be above 0 and at most 1; got 0"),
     ({"strength": float("inf")}, "strength must be a finite number"),
     ({"prompt": " ", "extra": {"task": "shape-guided", "fitting_degree": 1.0}},
@@ -850,3 +857,34 @@ def test_settings_out_of_bounds_are_refused(change, message):
 def test_unexpected_errors_are_summarised_for_the_page():
     assert user_message(InputError("Fix this.")) == "Fix this."
     assert user_message(KeyError("deep detail")).startswith("Generation failed (KeyError: 'deep detail')")
+
+
+def test_outpaint_sides_name_the_side():
+    from brushnet.serve.inputs import outpaint_sides
+
+    for value, message in ((-8, "The left extension must be a whole number of pixels from 0 to 4096; got -8"),
+                           (99999, "The left extension must be a whole number of pixels from 0 to 4096"),
+                           (1.5, "The left extension must be a whole number of pixels"),
+                           (None, "The left extension is empty: enter a number")):
+        with pytest.raises(InputError, match=message):
+            outpaint_sides(value, 0, 8, 0)
+    assert outpaint_sides(8.0, 0, 0, 0)["left"] == 8
+
+
+def test_the_editor_image_is_upright_and_16_bit_grey_is_scaled(tmp_path):
+    # What an API client sends as the editor's background arrives as stored: a camera's rotation
+    # tag and a 16-bit grey PNG (which PIL's convert("RGB") clips to white) are read as viewers show them.
+    from brushnet.serve.inputs import editor_image
+
+    grey = (np.tile(np.linspace(0, 255, 32), (8, 1)) * 257).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as opened:
+        picture = editor_image({"background": opened, "layers": []}, LIMITS)
+    assert np.abs(np.asarray(picture, dtype=np.float32)[..., 0] - grey / 257).max() <= 1
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "r.jpg", exif=exif)
+    with Image.open(tmp_path / "r.jpg") as opened:
+        assert editor_image({"background": opened, "layers": []}, LIMITS).size == (32, 64)
+    with pytest.raises(InputError, match="No image: upload a PNG, JPEG or WebP"):
+        editor_image({"background": None}, LIMITS)

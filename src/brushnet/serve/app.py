@@ -16,8 +16,10 @@ from ..segmentation.defaults import BOX_THRESHOLD
 from .generation import Cancelled, GenerationService, user_message
 from .inputs import (
     DEFAULT_TASK,
+    MAX_BLEND_KERNEL,
     MAX_IMAGES,
     MAX_OUTPAINT_SIDE,
+    MAX_STEPS,
     RANDOM_SEED,
     TASK_LABELS,
     InputError,
@@ -182,27 +184,30 @@ def _outpaint_tab(gr, guard, page) -> None:
     page.outpaint_image = guard(gr.Image(label="Image to extend", type="filepath", image_mode=None,
                                          sources=["upload"], elem_id="outpaint-image"), "image")
     with gr.Row():
-        page.sides = [gr.Number(0, label=f"{side} (px)", precision=0, minimum=0, maximum=MAX_OUTPAINT_SIDE,
-                                elem_id=f"outpaint-{side}") for side in ("left", "right", "top", "bottom")]
+        # No minimum, maximum or precision here: gradio's own refusal names no field ("Value -8 is less
+        # than minimum value 0") and its rounding hides a fraction; outpaint_sides says which side.
+        page.sides = [gr.Number(0, label=f"{side} (px, 0 to {MAX_OUTPAINT_SIDE})", elem_id=f"outpaint-{side}")
+                      for side in ("left", "right", "top", "bottom")]
     page.outpaint_button = gr.Button("Outpaint", variant="primary", elem_id="outpaint-button")
 
 
 def _settings(gr, page) -> None:
     with gr.Row():
-        page.steps = gr.Slider(1, 150, value=50, step=1, label="Steps", elem_id="steps")
+        page.steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps", elem_id="steps")
         page.guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
         page.scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
     with gr.Row():
         page.start = gr.Slider(0, 1, value=0.0, step=0.05, label="BrushNet from (fraction of the steps)")
         page.end = gr.Slider(0, 1, value=1.0, step=0.05, label="BrushNet until")
     with gr.Row():
-        page.seed = gr.Number(RANDOM_SEED, label="Seed (-1: random)", precision=0, minimum=RANDOM_SEED, elem_id="seed")
+        page.seed = gr.Number(RANDOM_SEED, label="Seed (-1: random)", elem_id="seed")  # checked by generation_settings
         page.dice = gr.Button("Random seed", elem_id="dice")
         page.num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
     with gr.Row():
         page.blend = gr.Checkbox(True, label="Blend into the original (keeps every pixel away from the hole)",
                                  elem_id="blend")
-        page.blend_kernel = gr.Slider(0, 101, value=0, step=1, label="Blend kernel (odd px; 0: the model's default)")
+        page.blend_kernel = gr.Slider(0, MAX_BLEND_KERNEL, value=0, step=1,
+                                      label="Blend kernel (odd px; 0: the model's default)")
         page.crop_to_mask = gr.Checkbox(False, label="Crop to the mask (large photos: work around the hole only)")
     page.strength = gr.Slider(0.01, 1, value=1.0, step=0.01, elem_id="strength",
                               label="Strength (below 1: start from the image noised this far, keeping its colours)")
@@ -223,8 +228,12 @@ def _connect(gr, service: GenerationService, page) -> None:
                                           outputs, api_name="outpaint", **queued)
     helper = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     page.cancel.click(handlers.cancel, None, None, cancels=[inpaint, outpaint], **helper)
+    # Queued (with no limit, beside the device queue): an unqueued event's gr.Warning never reaches
+    # the page, and the preview is where a mask of the wrong size or an unreadable one is first told.
+    previewing = {"concurrency_id": "preview", "concurrency_limit": None, "api_visibility": "private",
+                  "show_progress": "hidden"}
     for change in (page.editor.change, page.mask.change, page.invert.change):
-        change(handlers.preview, [page.editor, page.mask, page.invert, page.selection], page.preview, **helper)
+        change(handlers.preview, [page.editor, page.mask, page.invert, page.selection], page.preview, **previewing)
     page.dice.click(random_seed, None, page.seed, **helper)
     page.model.change(handlers.model_changed, page.model, [page.task, page.fitting_degree], **helper)
     page.task.change(handlers.task_changed, [page.task, page.model], page.fitting_degree, **helper)
@@ -241,7 +250,7 @@ def _connect(gr, service: GenerationService, page) -> None:
     # A new image starts a new selection. Its preview is made here too: the change event of an
     # upload can come before the upload is complete, and then finds no image.
     page.editor.upload(handlers.new_image, [page.editor, page.mask, page.invert], [page.selection, page.preview],
-                       **helper)
+                       **previewing)
     page.editor.clear(lambda: None, None, page.selection, **helper)
     page.gallery.select(handlers.show_params, page.params_list, page.params, **helper)
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from ..arguments import check_text
 from ..inpaint import InpaintSettings
-from ..masks import load_mask, open_image
+from ..masks import as_rgb, load_mask, open_image
 
 # Server-side bounds of the settings: the page's sliders stay inside them, but the API takes any
 # number, and one request for 100000 steps would hold the device for everyone.
@@ -120,16 +121,18 @@ def flatten(image: PIL.Image.Image) -> PIL.Image.Image:
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
+    return as_rgb(image)  # 16-bit grey scaled, not clipped to white
 
 
 def editor_image(editor_value: dict | None, limits: UploadLimits) -> PIL.Image.Image:
     """The photo in an image editor's value ({"background", "layers", "composite"}), within limits."""
     background = (editor_value or {}).get("background")
     if background is None:
-        raise InputError("No image: upload one in the image box first.")
+        raise InputError("No image: upload a PNG, JPEG or WebP in the image box first (a file that is not an image "
+                         "does not load there).")
     check_pixels(background.size, limits, "image")
-    return flatten(background)
+    # A file sent through the API arrives as stored; the browser sends what it shows, already upright.
+    return flatten(PIL.ImageOps.exif_transpose(background))
 
 
 def editor_strokes(editor_value: dict | None, size: tuple[int, int]) -> np.ndarray:
@@ -257,6 +260,8 @@ def random_seed() -> int:
 
 
 def _number(value, name: str) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(f"The {name} is empty: enter a number.")
     try:
         number = float(value)
     except (TypeError, ValueError):
