@@ -8,7 +8,7 @@ from diffusers import UniPCMultistepScheduler
 from PIL import Image
 
 from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
-from brushnet import options
+from brushnet import load_pipeline, options
 
 # The bound on the mean absolute difference of [0, 1] images between bf16 and fp32.
 MAX_MEAN_DRIFT = 2e-2
@@ -92,3 +92,41 @@ def test_fp16_on_a_cpu_is_one_warning_not_diffusers_three(tmp_path, golden, capf
     err = capfd.readouterr().err
     assert err.count("--dtype fp16 is for GPUs") == 1 and "cannot run with `cpu` device" not in err
     assert (tmp_path / "r.png").is_file()
+
+
+def test_nan_output_is_an_error_and_auto_bf16_falls_back_to_fp32(tmp_path, golden, monkeypatch, capfd):
+    # oneDNN's bfloat16 kernels gave NaNs on latents a few cells wide (CPU, torch 2.13): the image
+    # would be saved black. Forced here (the fault depends on the CPU): bfloat16 decodes give NaN.
+    from PIL import Image
+
+    from brushnet.cli import main
+    from brushnet.metadata import read_png_params
+    from brushnet.pipelines.base import BrushNetPipelineMixin, NonFiniteOutputError
+
+    finish = BrushNetPipelineMixin.finish_images
+
+    def nan_in_bf16(self, decoded, *args, **kwargs):
+        return finish(self, decoded * torch.nan if self.unet.dtype == torch.bfloat16 else decoded, *args, **kwargs)
+
+    monkeypatch.setattr(BrushNetPipelineMixin, "finish_images", nan_in_bf16)
+    monkeypatch.setattr(options, "cpu_has_native_bf16", lambda: True)
+    base = golden("sd15_tiny_pipeline").dir
+    Image.new("RGB", (32, 32), "yellow").save(tmp_path / "p.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(tmp_path / "m.png")
+    run = ["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--steps", "1",
+           "--base", str(base), "--brushnet", str(base / "brushnet")]
+    capfd.readouterr()
+    assert main([*run, "--dtype", "bf16", "--out", str(tmp_path / "asked.png")]) == 2
+    err = capfd.readouterr().err
+    assert "NaN or infinite values (computed in bfloat16 on cpu): run it in float32 (--dtype fp32" in err
+    assert not (tmp_path / "asked.png").exists()
+    assert main([*run, "--num-images", "2", "--out", str(tmp_path / "auto.png")]) == 0
+    assert "redoing it, and the rest, in float32" in capfd.readouterr().err
+    for k in (0, 1):
+        assert read_png_params(tmp_path / f"auto-{k}.png")["dtype"] == "float32"
+        assert np.asarray(Image.open(tmp_path / f"auto-{k}.png")).max() > 0
+    pipe = load_pipeline(base, base / "brushnet", torch_dtype=torch.bfloat16)
+    with pytest.raises(NonFiniteOutputError, match="computed in bfloat16"):
+        pipe("x", image=Image.open(tmp_path / "p.png"), mask=mask, num_inference_steps=1)

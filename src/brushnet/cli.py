@@ -553,6 +553,7 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
     from tqdm.auto import tqdm
 
     from . import inpaint as inpainting
+    from .pipelines.base import NonFiniteOutputError
 
     seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**31)
     failed = {}
@@ -568,15 +569,39 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
         )
         try:
             image, mask = _read_job(job, args)
-            results = inpainting.iter_inpaint(pipe, image, mask, settings)
-            for path, result, image_seed in zip(job["outputs"], results, inpainting.image_seeds(settings)):
-                _save_result(result, path, job, settings, model_params, image_seed, args.overwrite)
+            saved = set()
+            for attempt in range(2):
+                try:
+                    results = inpainting.iter_inpaint(pipe, image, mask, settings)
+                    for path, result, image_seed in zip(job["outputs"], results, inpainting.image_seeds(settings)):
+                        if path not in saved:
+                            _save_result(result, path, job, settings, model_params, image_seed, args.overwrite)
+                            saved.add(path)
+                    break
+                except NonFiniteOutputError:
+                    if attempt or not _fall_back_to_fp32(pipe, args, model_params):
+                        raise
         except (ValueError, FileNotFoundError) as error:
             if not job["batch"]:
                 raise
             failed[job["image"].name] = str(error).rstrip(".")
             say(f"brushnet: {job['image'].name} failed: {failed[job['image'].name]}", sys.stderr)
     return failed
+
+
+def _fall_back_to_fp32(pipe, args, model_params: dict) -> bool:
+    """After NaNs from bfloat16 that --dtype auto chose on a CPU, move the pipeline to float32 for this
+    image and the rest (the user asked for no precision, only for a fast one); False where the
+    precision was asked for, or is float32 already."""
+    import torch
+
+    if args.dtype != "auto" or pipe.unet.dtype != torch.bfloat16 or pipe.unet.device.type != "cpu":
+        return False
+    say("brushnet: note: bfloat16 gave NaN values on this image (a oneDNN fault on this CPU); redoing it, and "
+        "the rest, in float32", sys.stderr)
+    pipe.to(torch.float32)
+    model_params["dtype"] = "float32"
+    return True
 
 
 def _save_result(result, path: Path, job, settings, model_params: dict, image_seed: int, overwrite: bool) -> None:

@@ -31,6 +31,12 @@ from .blending import blend_tensors
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
+
+class NonFiniteOutputError(ValueError):
+    """The sampled image holds NaN or infinite values. Seen in bfloat16 on CPUs, where oneDNN's
+    kernels gave NaNs on latents only a few cells tall or wide (the same calls are finite with
+    torch.backends.mkldnn disabled, and in float32)."""
+
 logger = logging.getLogger(__name__)
 # torch.compile's backend for `enable_fast_path` (tests use "aot_eager": the same graph capture
 # and recompilation rules, without inductor's code generation).
@@ -375,6 +381,12 @@ class BrushNetPipelineMixin:
 
     def finish_images(self, decoded, pixels, hole, output_type, blend, blend_kernel, nsfw_flags=None):
         """Decoded [-1, 1] images -> output type, blended over the original image when asked."""
+        if not torch.isfinite(decoded).all():
+            # diffusers would cast the NaNs to black pixels with a RuntimeWarning; a black image is no result.
+            raise NonFiniteOutputError(
+                f"The model's output holds NaN or infinite values (computed in {str(self.unet.dtype).removeprefix('torch.')} "
+                f"on {self.unet.device.type}): run it in float32 (--dtype fp32; torch_dtype=torch.float32 in Python)."
+            )
         images = VaeImageProcessor.denormalize(decoded)
         if blend:
             original = VaeImageProcessor.denormalize(pixels.to(images.dtype))
