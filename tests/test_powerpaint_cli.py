@@ -87,7 +87,7 @@ def test_a_folder_of_photos_for_object_removal_needs_no_prompts(powerpaint, tmp_
     assert read_png_params(out / "a.png")["task"] == "object-removal"
 
 
-def test_convert_writes_a_safetensors_copy_of_the_text_encoder(powerpaint, tmp_path):
+def test_convert_writes_a_safetensors_copy_of_the_text_encoder(powerpaint, tmp_path, capsys):
     import shutil
 
     from safetensors.torch import load_file
@@ -102,6 +102,16 @@ def test_convert_writes_a_safetensors_copy_of_the_text_encoder(powerpaint, tmp_p
     copy = load_file(release / "text_encoder_brushnet.safetensors")
     original = torch.load(release / "pytorch_model.bin", weights_only=True)
     assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)
+    # A second run keeps the file there unless told to replace it.
+    (release / "text_encoder_brushnet.safetensors").write_bytes(b"a user's own file")
+    assert "text_encoder_brushnet.safetensors already exists; pass --overwrite" in _error(
+        ["convert", str(tmp_path)], capsys)
+    assert (release / "text_encoder_brushnet.safetensors").read_bytes() == b"a user's own file"
+    assert main(["convert", str(tmp_path), "--overwrite"]) == 0
+    assert load_file(release / "text_encoder_brushnet.safetensors").keys() == original.keys()
+    # A file of another kind is told what convert reads.
+    assert "this reads the pickled text encoder of a PowerPaint v2 release, pytorch_model.bin" in _error(
+        ["convert", str(release / "config.json")], capsys)
 
 
 def test_convert_on_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
@@ -111,8 +121,11 @@ def test_convert_on_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
     (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # was "holds more than tensors"
     torch.save({"w": torch.zeros(2)}, tmp_path / "cut.bin")
     (tmp_path / "cut.bin").write_bytes((tmp_path / "cut.bin").read_bytes()[:200])  # a damaged archive
+    (tmp_path / "photo.bin").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # an image named .bin
     for name, message in [("notes.bin", "notes.bin is not a PyTorch checkpoint"),
-                          ("photo.png", "photo.png is not a PyTorch checkpoint"), ("cut.bin", "Could not read")]:
+                          ("photo.bin", "photo.bin is not a PyTorch checkpoint"),
+                          ("photo.png", "photo.png is a .png file: this reads the pickled text encoder"),
+                          ("cut.bin", "Could not read")]:
         for extra in ([], ["--allow-pickle"]):
             assert message in _error(["convert", str(tmp_path / name), *extra], capsys)
     assert not (tmp_path / "text_encoder_brushnet.safetensors").exists()

@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "it), or its pytorch_model.bin")
     convert.add_argument("--allow-pickle", action="store_true",
                          help="also read a .bin that holds more than plain tensors (it can run code: only if trusted)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing text_encoder_brushnet.safetensors")
     convert.set_defaults(func=cmd_convert)
 
     info = commands.add_parser("info", help="print the generation parameters stored in an output image")
@@ -402,7 +403,7 @@ def cmd_data_pack(args) -> int:
 def cmd_convert(args) -> int:
     from .loading import write_text_encoder_safetensors
 
-    print(f"wrote {write_text_encoder_safetensors(args.path, allow_pickle=args.allow_pickle)}")
+    print(f"wrote {write_text_encoder_safetensors(args.path, allow_pickle=args.allow_pickle, overwrite=args.overwrite)}")
     return 0
 
 

@@ -462,14 +462,21 @@ def _read_text_encoder_state(path: Path, allow_pickle: bool) -> dict[str, torch.
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 
-def write_text_encoder_safetensors(source, *, allow_pickle: bool = False) -> Path:
+def write_text_encoder_safetensors(source, *, allow_pickle: bool = False, overwrite: bool = False) -> Path:
     """Write `text_encoder_brushnet.safetensors` beside a PowerPaint release's `pytorch_model.bin`
-    (same tensors, same names), which loads without unpickling from then on. Returns its path."""
+    (same tensors, same names), which loads without unpickling from then on. Returns its path.
+    An existing safetensors file is replaced only with `overwrite`."""
     path = Path(source)
     if path.is_dir():
         path = _brushnet_folder(path) / POWERPAINT_TEXT_ENCODER_BIN
     if not path.is_file():
         raise _missing_path_error(path, "PowerPaint text encoder")
+    if path.suffix.lower() not in (".bin", ".pt", ".pth", ".ckpt"):
+        raise ModelLoadError(f"{path} is a {path.suffix or 'suffix-less'} file: this reads the pickled text encoder "
+                             f"of a PowerPaint v2 release, {POWERPAINT_TEXT_ENCODER_BIN}, or the folder holding it.")
+    target = path.with_name(POWERPAINT_TEXT_ENCODER_SAFETENSORS)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
     from safetensors.torch import save
 
     from .files import atomic_write
@@ -479,7 +486,6 @@ def write_text_encoder_safetensors(source, *, allow_pickle: bool = False) -> Pat
         task_prompts.unwrap_state_dict(state)  # refuses files that are not a branch text encoder
     except ValueError as e:
         raise ModelLoadError(f"{path}: {_first_line(e)}") from e
-    target = path.with_name(POWERPAINT_TEXT_ENCODER_SAFETENSORS)
     # Loading prefers this file to the .bin from then on: an interrupted write must leave none.
     with atomic_write(target) as f:
         f.write(save({key: value.contiguous() for key, value in state.items()}))
