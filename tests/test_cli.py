@@ -440,6 +440,11 @@ def test_a_mask_drawn_the_other_way_round_gets_a_note(tmp_path, models, capsys):
     run = ["inpaint", str(tmp_path / "p.png"), "-p", "x", *models]
     assert main([*run[:2], str(tmp_path / "inverted.png"), *run[2:], "--out", str(tmp_path / "a.png")]) == 0
     assert "note: the hole is 86% of" in capsys.readouterr().out and (tmp_path / "a.png").is_file()
-    for mask, extra in (("inverted.png", ["--invert-mask"]), ("m.png", [])):
+    for mask, extra in (("inverted.png", ["--invert-mask", "--mask-threshold", "100", "--dilate", "2"]), ("m.png", [])):
         assert main([*run[:2], str(tmp_path / mask), *run[2:], *extra, "--out", str(tmp_path / f"b{mask}")]) == 0
         assert "note: the hole" not in capsys.readouterr().out
+    # how the hole was read is recorded with the rest
+    recorded = read_png_params(tmp_path / "binverted.png")
+    assert (recorded["invert_mask"], recorded["mask_threshold"], recorded["dilate"]) == (True, 100, 2)
+    recorded = read_png_params(tmp_path / "bm.png")
+    assert (recorded["invert_mask"], recorded["mask_threshold"], recorded["dilate"]) == (False, 128, 0)

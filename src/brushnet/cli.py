@@ -561,6 +561,9 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
     for job in tqdm(jobs, desc="images", disable=len(jobs) == 1):
         keywords = _powerpaint_keywords(pipe, args, job)
         job["extra_params"].update(keywords)
+        if "canvas" not in job:  # how the hole was read, so that `brushnet info` can reproduce it
+            job["extra_params"].update(mask_threshold=args.mask_threshold, invert_mask=args.invert_mask,
+                                       dilate=args.dilate)
         settings = inpainting.InpaintSettings(
             prompt=job["prompt"], negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             guidance_rescale=args.guidance_rescale, scale=args.scale, start=args.start, end=args.end, seed=seed, num_images=args.num_images,
