@@ -73,6 +73,10 @@ def test_errors(powerpaint, golden, tmp_path, capsys):
     assert "--fitting-degree must be a number in [0, 1]; got nan" in _error(
         [*run, "--task", "shape-guided", "-p", "x", "--fitting-degree", "nan", *models], capsys)
     assert "--prompt" in _error([*run, "--task", "shape-guided", *models], capsys)
+    for task in ([], ["--task", "remove"], ["--task", "text-guided"]):  # it mixes only shape-guided's prompts
+        assert "--fitting-degree is only used with --task shape-guided" in _error(
+            [*run, *task, "-p", "x", "--fitting-degree", "0.3", *models], capsys)
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_a_folder_of_photos_for_object_removal_needs_no_prompts(powerpaint, tmp_path):

@@ -154,7 +154,7 @@ def _add_task_options(parser) -> None:
     group.add_argument("--task", choices=list(TASK_CHOICES), default=None,
                        help="what to do with the hole: text-guided (default), object-removal (alias remove; no "
                             "prompt needed), shape-guided, context-aware, outpainting")
-    group.add_argument("--fitting-degree", type=float, default=1.0, metavar="0-1",
+    group.add_argument("--fitting-degree", type=float, default=None, metavar="0-1",
                        help="shape-guided: how closely the object follows the mask's shape (default 1)")
 
 
@@ -172,7 +172,8 @@ def _powerpaint_keywords(pipe, args, job) -> dict:
         return {}
     if "canvas" in job:
         task = "outpainting"
-    return {"task": task, "fitting_degree": getattr(args, "fitting_degree", 1.0)}
+    fitting_degree = getattr(args, "fitting_degree", None)
+    return {"task": task, "fitting_degree": 1.0 if fitting_degree is None else fitting_degree}
 
 
 def _add_generation_options(parser) -> None:

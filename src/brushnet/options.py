@@ -137,6 +137,10 @@ def check_generation_args(args) -> None:
     user_checked(check_settings, InpaintSettings(prompt=getattr(args, "prompt", None) or "", **values), flags)
     if getattr(args, "fitting_degree", None) is not None:
         user_checked(check_number, args.fitting_degree, "--fitting-degree", low=0.0, high=1.0)
+        if getattr(args, "task", None) != "shape-guided":
+            # Elsewhere it mixes two equal task prompts: no effect but a rounding, yet it was recorded.
+            raise UserError("--fitting-degree is only used with --task shape-guided (how closely the object follows "
+                            "the mask's shape): leave it out, or pass --task shape-guided with a PowerPaint model")
     if getattr(args, "scheduler", None) is not None:
         check_scheduler(args.scheduler)
 
