@@ -100,6 +100,10 @@ def test_settings_and_the_command_line_check_it(tmp_path, capsys):
     assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--guidance-rescale", "2",
                  "--out", str(tmp_path / "r.png")]) == 2
     assert "--guidance-rescale must be a number in [0, 1]" in capsys.readouterr().err
+    assert main(["inpaint", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "-p", "x", "--guidance-rescale", "0.7",
+                 "--guidance", "1", "--out", str(tmp_path / "r.png")]) == 2
+    assert "--guidance-rescale rescales classifier-free guidance, which --guidance 1 switches off" in \
+        capsys.readouterr().err
     assert not (tmp_path / "r.png").exists()
 
 

@@ -100,6 +100,9 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
     check_steps(settings.steps, name("steps"))
     check_guidance(settings.guidance, name("guidance"))
     check_guidance_rescale(settings.guidance_rescale, name("guidance_rescale"))
+    if settings.guidance_rescale > 0 and settings.guidance <= 1:
+        raise ValueError(f"{name('guidance_rescale')} rescales classifier-free guidance, which {name('guidance')} "
+                         f"{settings.guidance:g} switches off (it runs above 1): leave it at 0, or raise the guidance.")
     check_conditioning_scale(settings.scale, name("scale"))
     check_control_window(settings.start, settings.end, (name("start"), name("end")))
     check_num_images(settings.num_images, name("num_images"))
