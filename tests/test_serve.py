@@ -888,3 +888,19 @@ def test_the_editor_image_is_upright_and_16_bit_grey_is_scaled(tmp_path):
         assert editor_image({"background": opened, "layers": []}, LIMITS).size == (32, 64)
     with pytest.raises(InputError, match="No image: upload a PNG, JPEG or WebP"):
         editor_image({"background": None}, LIMITS)
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_told_in_the_page(server, files, monkeypatch):
+    import gradio as gr
+
+    shown = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *args, **kwargs: shown.append(message))
+    handlers = serve_app._handlers(gr, server.service)
+    editor = {"background": Image.open(files.scene), "layers": [], "composite": None}
+    settings = dict(model=server.service.registry.default, negative_prompt="x" * 100_000, steps=2, guidance=7.5,
+                    scale=1.0, start=0.0, end=1.0, seed=1, blend=True, blend_kernel=0, num_images=1,
+                    crop_to_mask=False, strength=1.0)
+    gallery, _, _ = handlers.inpaint(editor, "a red circle " * 40, mask=str(files.mask), **settings)
+    assert len(gallery) == 1
+    assert any("tokens long; the text encoder reads only the first" in message for message in shown), shown
+    assert all(len(message) < 300 for message in shown)  # the 100 kB negative prompt is not repeated

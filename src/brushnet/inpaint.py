@@ -248,7 +248,7 @@ def _one_truncation_notice(pipe, prompts):
         yield
         return
     for prompt, n in too_long:
-        words = " ".join(prompt.split()[:6])
+        words = " ".join(prompt.split()[:6])[:60]  # a 100 kB "word" is not repeated whole
         logger.warning(f"The prompt \"{words} ...\" is {n} tokens long; the text encoder reads only the first "
                        f"{limit} (start and end marks included) and ignores the rest.")
     with _quiet("transformers", "diffusers"):

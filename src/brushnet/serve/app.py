@@ -8,6 +8,7 @@ picker's visibility and the parameter view are private helpers of the page.
 """
 
 import html
+import logging
 import os
 from types import SimpleNamespace
 
@@ -264,7 +265,11 @@ def _handlers(gr, service: GenerationService) -> SimpleNamespace:
 
     def respond(generate):
         """The outputs for `generate()`'s results; a mistake or failure is shown in the page and the
-        server carries on with the next request."""
+        server carries on with the next request. The library's notices for the user (a prompt
+        longer than the text encoder reads) are shown in the page too, not only in the server's log."""
+        notices = _Notices()
+        library = logging.getLogger("brushnet.inpaint")
+        library.addHandler(notices)
         try:
             results = generate()
         except Cancelled:
@@ -274,6 +279,10 @@ def _handlers(gr, service: GenerationService) -> SimpleNamespace:
             raise
         except Exception as error:  # noqa: BLE001 - any failure becomes a message; the server keeps serving
             raise gr.Error(html.escape(user_message(error), quote=False), print_exception=False) from None
+        finally:
+            library.removeHandler(notices)
+        for message in notices.messages:
+            gr.Warning(html.escape(message, quote=False))
         gallery = [(str(result.path), result.caption) for result in results]
         params = [result.params for result in results]
         return gallery, params, params
@@ -377,6 +386,17 @@ def _handlers(gr, service: GenerationService) -> SimpleNamespace:
     return SimpleNamespace(inpaint=inpaint, outpaint=outpaint, preview=preview, cancel=cancel,
                            show_params=show_params, new_image=new_image, select_click=select_click,
                            select_words=select_words, model_changed=model_changed, task_changed=task_changed)
+
+
+class _Notices(logging.Handler):
+    """The warnings one generation logs (one generation runs at a time: the device queue's limit is 1)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _session(request) -> str:
