@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -563,3 +564,16 @@ def test_a_cached_hub_base_trains_offline_without_retries(golden, data, tmp_path
     err = capfd.readouterr().err
     assert "thrown while requesting" not in err and "Retrying in" not in err, err
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_a_run_without_seed_resumes_on_the_same_data(golden, data, tmp_path):
+    # Without --seed each process draws its data seed; the checkpoint keeps it, so two resumes of
+    # one checkpoint read the same stream and end equal (they differed by a new draw each).
+    _run(golden, data, tmp_path / "a", 2, seed=None)
+    assert (tmp_path / "a" / "checkpoint-2" / "data_seed-0.json").is_file()
+    ends = []
+    for copy in ("b", "c"):
+        shutil.copytree(tmp_path / "a", tmp_path / copy)
+        ends.append(_run(golden, data, tmp_path / copy, 4, seed=None, resume_from_checkpoint="latest"))
+    for key in ends[0]:
+        assert torch.equal(ends[0][key], ends[1][key]), key

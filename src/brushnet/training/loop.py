@@ -8,6 +8,7 @@ up). `accelerate launch` runs it on one or many GPUs; a plain call runs on CPU o
 """
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -61,6 +62,10 @@ def train(config: TrainConfig) -> Path:
         logger.warning(warning)
     checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, ema=config.use_ema,
                                  report=accelerator.is_main_process)
+    seed_file = None if checkpoint is None else checkpoint / DATA_SEED_FILE.format(rank=accelerator.process_index)
+    if seed_file is not None and config.seed is None and seed_file.is_file():
+        # Without --seed the data seed was drawn: the resumed run must read the stream it was reading.
+        seed = json.loads(seed_file.read_text())["data_seed"]
     if accelerator.is_main_process:
         remove_interrupted_saves(output_dir)
 
@@ -89,8 +94,6 @@ def train(config: TrainConfig) -> Path:
     downsampling = config.mask_downsampling
     if downsampling is None and checkpoint is not None and (checkpoint / "brushnet" / "config.json").is_file():
         # A resumed run goes on with the latent mask it trained with (the weights alone do not say).
-        import json
-
         downsampling = json.loads((checkpoint / "brushnet" / "config.json").read_text()).get("mask_downsampling")
     if downsampling is not None:
         brushnet.register_to_config(mask_downsampling=downsampling)  # saved with every checkpoint
@@ -216,7 +219,8 @@ def train(config: TrainConfig) -> Path:
         accelerator.log(logs, step=global_step)
 
         if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
-            save_checkpoint(accelerator, brushnet, ema, output_dir, global_step, config.checkpoints_total_limit)
+            save_checkpoint(accelerator, brushnet, ema, output_dir, global_step, config.checkpoints_total_limit,
+                            data_seed=seed)
         if config.validation_image and global_step % config.validation_steps == 0 and accelerator.is_main_process:
             run_validation(accelerator, brushnet, ema, base, noise_scheduler, config, global_step, weight_dtype)
 
@@ -535,8 +539,13 @@ def _discard(checkpoint: Path) -> None:
     shutil.rmtree(stale)
 
 
-def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, keep_last: int | None) -> None:
-    """The full accelerate state (to resume) plus a `brushnet/` folder that `from_pretrained` loads.
+DATA_SEED_FILE = "data_seed-{rank}.json"  # in a checkpoint: each process's seed of its data order and masks
+
+
+def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, keep_last: int | None,
+                    data_seed: int | None = None) -> None:
+    """The full accelerate state (to resume) plus a `brushnet/` folder that `from_pretrained` loads,
+    and the data seed (drawn at random without --seed), so that a resume reads the same stream.
 
     Written as checkpoint-N.partial and renamed when every process has written its part; older
     checkpoints are pruned only after that, so an interruption never costs the previous one.
@@ -556,6 +565,8 @@ def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, kee
             ema.restore(model.parameters())
         else:
             model.save_pretrained(partial / "brushnet")
+    if data_seed is not None:  # each process drew its own
+        (partial / DATA_SEED_FILE.format(rank=accelerator.process_index)).write_text(json.dumps({"data_seed": data_seed}))
     accelerator.wait_for_everyone()  # every process's files are in before the folder counts as complete
     if not accelerator.is_main_process:
         return
