@@ -362,6 +362,14 @@ def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
         (["--resolution", "16", "--output_dir", str(tmp_path / "o7"), "--resume_from_checkpoint", "checkpoint-3"],
          "not a checkpoint folder"),
     ]
+    import importlib.util
+
+    if not torch.cuda.is_available():  # was a dtype traceback at the first step
+        cases.append((["--resolution", "16", "--output_dir", str(tmp_path / "o8"), "--mixed_precision", "fp16"],
+                      "--mixed_precision fp16 needs a GPU"))
+    if importlib.util.find_spec("wandb") is None:  # was a Python warning, and a run that logged nothing
+        cases.append((["--resolution", "16", "--output_dir", str(tmp_path / "o9"), "--report_to", "wandb"],
+                      "--report_to wandb: its package is not installed here"))
     for extra, message in cases:
         capsys.readouterr()
         assert main([*args, *extra]) == 2, extra

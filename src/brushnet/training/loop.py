@@ -49,6 +49,14 @@ def train(config: TrainConfig) -> Path:
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
     )
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        # It would fail at the first step, after the models load, in a dtype error.
+        raise ValueError("--mixed_precision fp16 needs a GPU: torch's CPU autocast does not run this model in "
+                         "fp16; on a CPU use --mixed_precision bf16 or no.")
+    if config.report_to not in ("none", "all") and not accelerator.log_with:
+        # accelerate drops a tracker it cannot import with a Python warning, and the run logs nothing.
+        raise ValueError(f"--report_to {config.report_to}: its package is not installed here: install it "
+                         f"(pip install {config.report_to}), or pass --report_to none.")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         # Each process would train alone and all would write the same files.
