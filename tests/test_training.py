@@ -382,8 +382,13 @@ def test_training_mistakes_are_one_line_errors(golden, data, tmp_path, capsys):
 
 
 def test_bf16_mixed_precision(golden, data, tmp_path):
+    # with validation too: on a CPU it failed in a dtype error (the fp32 branch beside the bf16 base)
     train(config(golden, data, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16",
-                 gradient_checkpointing=True))
+                 gradient_checkpointing=True, validation_steps=2, validation_image=[str(data / "00.png")],
+                 validation_mask=[str(data / "masks" / "00.png")], validation_prompt=["a red square"],
+                 validation_inference_steps=2))
+    assert (tmp_path / "bf16" / "validation" / "step-2" / "0-0.png").is_file()
+    assert (tmp_path / "bf16" / "diffusion_pytorch_model.safetensors").is_file()
     brushnet = BrushNetModel.from_pretrained(tmp_path / "bf16")
     assert brushnet.dtype == torch.float32  # the trained weights stay fp32; only the frozen base runs in bf16
     assert all(torch.isfinite(p).all() for p in brushnet.parameters())

@@ -603,6 +603,15 @@ def run_validation(accelerator, brushnet, ema, base: dict, noise_scheduler, conf
         ema.copy_to(model.parameters())
     model.eval()
     text = base["text"]
+    autocast = weight_dtype != torch.float32
+    frozen = [(module, module.dtype) for module in (base["vae"], base["unet"], *text.encoders)]
+    upcast = autocast and accelerator.device.type == "cpu"
+    if upcast:
+        # On a CPU, autocast beside the fp32 branch fails in the bf16 UNet's norms ("mixed dtype
+        # (CPU)"): validate in fp32, the frozen base upcast for the while (bf16 -> fp32 -> bf16 is exact).
+        autocast = False
+        for module, _ in frozen:
+            module.to(torch.float32)
     components = dict(vae=base["vae"], unet=base["unet"], brushnet=model,
                       scheduler=make_scheduler("unipc", noise_scheduler.config))
     if text.sdxl:
@@ -622,8 +631,7 @@ def run_validation(accelerator, brushnet, ema, base: dict, noise_scheduler, conf
             image = open_image(image_path).resize((config.resolution, config.resolution))
             mask = load_mask(mask_path).resize((config.resolution, config.resolution), Image.NEAREST)
             generator = torch.Generator(device="cpu").manual_seed(config.seed or 0)
-            with torch.autocast(accelerator.device.type, dtype=weight_dtype,
-                                enabled=weight_dtype != torch.float32):
+            with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=autocast):
                 images = pipe(prompt, image=image, mask=mask, num_inference_steps=config.validation_inference_steps,
                               num_images_per_prompt=config.num_validation_images, generator=generator).images
             for k, result in enumerate(images):
@@ -631,6 +639,9 @@ def run_validation(accelerator, brushnet, ema, base: dict, noise_scheduler, conf
                     result.save(f, format="PNG")
             logged.append(np.stack([np.asarray(im) for im in images]))
     finally:
+        if upcast:
+            for module, dtype in frozen:
+                module.to(dtype)
         if ema is not None:
             ema.restore(model.parameters())
         model.train()
