@@ -633,3 +633,44 @@ def test_pack_folder_exif_orientation(tmp_path):
     copy = next(dataset.records())
     assert dataset.skipped == 0
     np.testing.assert_array_equal(np.asarray(copy.image), np.asarray(record.image))
+
+
+def test_folder_as_people_leave_it(tmp_path, caplog):
+    # An upper-case mask suffix, macOS' ._ files, two images of one name, a 0/1 mask.
+    from brushnet.data.folder import list_folder, read_item
+    from brushnet.data._stream import BrokenSample
+
+    root = tmp_path / "f"
+    (root / "masks").mkdir(parents=True)
+    hole = np.zeros((H, W), np.uint8)
+    hole[4:12, 4:12] = 255
+    for name in ("UP.PNG", "zero.png"):
+        (root / name).write_bytes(_encode(_pixels(0)))
+    Image.fromarray(hole).save(root / "masks" / "UP.PNG")
+    Image.fromarray(hole // 255).save(root / "masks" / "zero.png")  # the hole is value 1
+    (root / "._UP.PNG").write_bytes(b"\0\5\26\7 AppleDouble")
+    (root / "masks" / "._UP.PNG").write_bytes(b"\0\5\26\7 AppleDouble")
+    items = {item.image.name: item for item in list_folder(root)}
+    assert sorted(items) == ["UP.PNG", "zero.png"]
+    assert items["UP.PNG"].mask == root / "masks" / "UP.PNG"
+    np.testing.assert_array_equal(read_item(items["UP.PNG"]).segmentation_masks[0], hole == 0)
+    with pytest.raises(BrokenSample, match="zero.png has no pixel at 128 or above .its brightest is 1"):
+        read_item(items["zero.png"])
+    (root / "UP.jpg").write_bytes(_encode(_pixels(1), "JPEG"))
+    with pytest.raises(ValueError, match="UP.PNG and UP.jpg in .* share the name 'UP'"):
+        list_folder(root)
+
+
+def test_a_mask_carries_its_own_orientation(tmp_path):
+    # A photo and its mask both stored sideways with the camera's tag: both are read upright.
+    from brushnet.masks import load_mask, open_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_pixels(0)).save(tmp_path / "p.jpg", exif=exif)
+    stored = np.zeros((H, W), np.uint8)
+    stored[:, : W // 4] = 255  # the stored left quarter: the top once upright (rotated 90 degrees clockwise)
+    Image.fromarray(stored).save(tmp_path / "m.jpg", exif=exif, quality=100)
+    upright = np.asarray(load_mask(tmp_path / "m.jpg")) > 0
+    assert open_image(tmp_path / "p.jpg").size == (H, W) and upright.shape == (W, H)
+    assert upright[: W // 4 - 1].all() and not upright[W // 4 + 1:].any()

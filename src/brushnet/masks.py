@@ -190,7 +190,8 @@ def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 
         raise ValueError(f"The mask threshold must be between 0 and 255; got {threshold}.")
     if dilate < 0:
         raise ValueError(f"--dilate must be >= 0 pixels; got {dilate}.")
-    image = source if isinstance(source, PIL.Image.Image) else _open_image(source, "mask")
+    # A file is read upright, as its image is (a camera's orientation tag); a given image as it is.
+    image = source if isinstance(source, PIL.Image.Image) else PIL.ImageOps.exif_transpose(_open_image(source, "mask"))
     values = _mask_values(image)
     hole = values >= threshold
     if invert:
@@ -203,7 +204,7 @@ def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 
 def brightest_mask_value(path) -> float:
     """The largest value `load_mask` thresholds in a mask file (0-255 scale): what to say when no pixel
     reaches the threshold, e.g. a 0/1 array saved as an image, whose hole is value 1."""
-    return float(_mask_values(_open_image(path, "mask")).max())
+    return float(_mask_values(PIL.ImageOps.exif_transpose(_open_image(path, "mask"))).max())
 
 
 def _grow(hole: np.ndarray, pixels: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..masks import check_rle, load_mask
+from ..masks import brightest_mask_value, check_rle, load_mask
 from ._stream import (
     BrokenSample,
     Record,
@@ -62,16 +62,26 @@ def list_folder(folder) -> list[FolderItem]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"The training folder {folder} does not exist or is not a folder.")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = _image_files(folder)
     if not images:
         raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the folder {folder}.")
+    stems = {}
+    for image in images:
+        if image.stem in stems:  # one caption and one mask would serve both
+            raise ValueError(f"{stems[image.stem].name} and {image.name} in {folder} share the name {image.stem!r}: "
+                             "their caption and mask are matched by name, so rename one of them.")
+        stems[image.stem] = image
     mask_folder = folder / MASK_FOLDER
+    preference = {ext: k for k, ext in enumerate(IMAGE_EXTENSIONS)}  # .png first, any case
+    masks = {}
+    for mask in sorted(_image_files(mask_folder) if mask_folder.is_dir() else [],
+                       key=lambda p: -preference[p.suffix.lower()]):
+        masks[mask.stem] = mask  # the preferred extension comes last and stays
     items = []
     for image in images:
         caption = image.with_suffix(".txt")
         segmentation = image.with_suffix(".json")
-        masks = (mask_folder / (image.stem + ext) for ext in IMAGE_EXTENSIONS)
-        mask = next((m for m in masks if m.is_file()), None)
+        mask = masks.get(image.stem)
         items.append(
             FolderItem(
                 image=image,
@@ -81,6 +91,13 @@ def list_folder(folder) -> list[FolderItem]:
             )
         )
     return items
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of a folder, sorted by name, each suffix in any case; hidden files (a
+    macOS ._name, an editor's .name) are not images of the set."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
 def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
@@ -100,8 +117,12 @@ def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
     if with_masks and item.mask is not None:
         try:
             hole = np.asarray(load_mask(item.mask)) > 0
+            brightest = brightest_mask_value(item.mask) if not hole.any() else None
         except (OSError, ValueError) as error:
             raise BrokenSample(f"unreadable mask ({error})") from None
+        if brightest is not None and 0 < brightest < 128:  # its hole would be read as no hole at all
+            raise BrokenSample(f"the mask {item.mask.name} has no pixel at 128 or above (its brightest is "
+                               f"{brightest:g}: a 0/1 array saved as an image?); save the hole as 255")
         if hole.shape != (image.height, image.width):
             raise BrokenSample(
                 f"the mask {item.mask.name} is {hole.shape[1]}x{hole.shape[0]} but the image is "
