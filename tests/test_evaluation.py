@@ -220,12 +220,27 @@ def test_rle_is_decoded_row_major_and_starts_at_one(tmp_path):
     (lambda m: m["2"].update(inpainting_mask=[1, GRID * GRID + 1]), "Item 2: field 'inpainting_mask' is not a valid RLE"),
     (lambda m: m["2"].update(inpainting_mask=[1, 2, 3]), "Item 2: field 'inpainting_mask'"),
     (lambda m: m["0"].update(inpainting_mask="1 2"), "Item 0: field 'inpainting_mask' must be a flat list"),
+    # a path out of the folder (only absolute ones were refused)
+    (lambda m: m["1"].update(image="images/../../bench/images/img0.png"), "Item 1: field 'image' must be a path inside"),
 ])
 def test_benchmark_errors_name_the_item_and_field(bench, change, message):
     mapping = json.loads((bench / "mapping_file.json").read_text())
     change(mapping)
     (bench / "mapping_file.json").write_text(json.dumps(mapping))
     with pytest.raises(ValueError, match=message):
+        load_benchmark(bench, grid=GRID)
+
+
+def test_benchmark_refuses_an_id_given_twice_and_a_truncated_image(bench):
+    text = (bench / "mapping_file.json").read_text()
+    (bench / "mapping_file.json").write_text(text[:-1] + ', "1": {"image": "images/img0.png", "caption": "DUP", '
+                                             '"inpainting_mask": [1, 4]}}')
+    with pytest.raises(ValueError, match="gives '1' twice in one object"):
+        load_benchmark(bench, grid=GRID)
+    (bench / "mapping_file.json").write_text(text)
+    whole = (bench / "images" / "img1.png").read_bytes()
+    (bench / "images" / "img1.png").write_bytes(whole[: len(whole) // 2])  # found before a run, not in it
+    with pytest.raises(ValueError, match="Item 1: field 'image' names images/img1.png, which is not an image"):
         load_benchmark(bench, grid=GRID)
 
 
@@ -547,6 +562,15 @@ def test_run_benchmark_generates_scores_resumes_and_reports(bench, tmp_path, tin
     # Other settings on the same folder are refused instead of mixing results.
     with pytest.raises(ValueError, match="generated with seed=1234, not 7"):
         run_benchmark(bench, out, pipe_loader=no_loading, **(common | {"settings": paper_settings(steps=2, seed=7)}))
+    # So is a benchmark whose image or hole changed since (the old result was reused and scored).
+    original = (bench / "images" / "img1.png").read_bytes()
+    Image.fromarray(_photo(5)).save(bench / "images" / "img1.png")
+    with pytest.raises(ValueError, match="1.png was generated with item_hash="):
+        run_benchmark(bench, out, pipe_loader=no_loading, **common)
+    (bench / "images" / "img1.png").write_bytes(original)
+    # And an output folder whose results would land on the benchmark's own images.
+    with pytest.raises(ValueError, match="where the benchmark's own images are"):
+        run_benchmark(bench, bench, pipe_loader=no_loading, **common)
 
     # The same images scored from elsewhere through the command line give the same values.
     parser = argparse.ArgumentParser()
@@ -653,3 +677,36 @@ def test_bench_command_generates_with_the_paper_defaults(bench, tmp_path, golden
     assert not (out / "gallery.html").exists()
     args = parser.parse_args([*argv, "--paper-compat"])
     assert args.func(args) == 0 and "generated 0, reused 3" in capsys.readouterr().out
+
+
+def test_a_clip_folder_without_its_tokenizer_or_a_file_is_one_line(clip_dir, tmp_path):
+    # Without vocab.json and merges.txt transformers built a two-token tokenizer and CLIP scored
+    # every caption as unknown words; a file was taken for a hub id and the network tried.
+    from brushnet.evaluation.hps import load_clip_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(clip_dir / name, bare / name)
+    with pytest.raises(ValueError, match="has no CLIP tokenizer files .vocab.json and merges.txt"):
+        CLIPEmbedder.from_pretrained(bare)
+    with pytest.raises(ValueError, match="has no CLIP tokenizer files"):
+        load_clip_tokenizer(bare)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt is a file: pass the model's folder"):
+        CLIPEmbedder.from_pretrained(tmp_path / "notes.txt")
+
+
+def test_a_16_bit_result_is_scored_as_it_looks(bench, tmp_path):
+    # A result saved as a 16-bit grey PNG was clipped to white before scoring.
+    results = tmp_path / "results"
+    results.mkdir()
+    for item in ("0", "1", "2"):
+        grey = np.asarray(Image.open(bench / "images" / f"img{item}.png").convert("L"))
+        Image.fromarray(grey.astype(np.uint16) * 257).save(results / f"{item}.png")
+        Image.fromarray(grey).convert("RGB").save(tmp_path / f"{item}-8bit.png")
+    sixteen = run_benchmark(bench, tmp_path / "o16", images_dir=results, grid=GRID, progress=False, gallery=False)
+    for item in ("0", "1", "2"):
+        (tmp_path / f"{item}-8bit.png").rename(results / f"{item}.png")
+    eight = run_benchmark(bench, tmp_path / "o8", images_dir=results, grid=GRID, progress=False, gallery=False)
+    assert sixteen["metrics"]["psnr"]["mean"] == pytest.approx(eight["metrics"]["psnr"]["mean"], abs=1e-6)

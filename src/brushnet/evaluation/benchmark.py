@@ -26,6 +26,18 @@ MASK_KEYS = ("inpainting_mask", "outpainting_mask")
 DEFAULT_GRID = 512
 
 
+def _refuse_duplicate_ids(pairs):
+    """json's object hook: a key given twice (an id pasted twice into the mapping) is an error, where
+    json keeps the last one silently and the first item vanishes."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{MAPPING_FILE} gives {key!r} twice in one object (an item pasted twice?): each item "
+                             "needs its own id.")
+        seen[key] = value
+    return seen
+
+
 @dataclass(frozen=True)
 class BenchmarkItem:
     id: str
@@ -109,7 +121,7 @@ def load_benchmark(bench_dir: str | os.PathLike, mask_key: str = "inpainting_mas
     if not mapping_path.is_file():
         raise ValueError(f"{root} has no {MAPPING_FILE}: pass a BrushBench or EditBench folder.")
     try:
-        mapping = json.loads(mapping_path.read_text(encoding="utf-8-sig"))
+        mapping = json.loads(mapping_path.read_text(encoding="utf-8-sig"), object_pairs_hook=_refuse_duplicate_ids)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{mapping_path} is not valid JSON ({error}).") from None
     if not isinstance(mapping, dict) or not mapping:
@@ -123,8 +135,9 @@ def load_benchmark(bench_dir: str | os.PathLike, mask_key: str = "inpainting_mas
         image = entry.get("image")
         if not isinstance(image, str) or not image:
             raise ValueError(f"Item {item_id}: field 'image' must be a relative image path; got {image!r}.")
-        if Path(image).is_absolute():
-            raise ValueError(f"Item {item_id}: field 'image' must be relative to {root}; got {image}.")
+        if Path(image).is_absolute() or ".." in Path(image).parts:
+            # A path out of the folder reads (and, with --images, scores) files that are not the benchmark's.
+            raise ValueError(f"Item {item_id}: field 'image' must be a path inside {root}; got {image}.")
         caption = entry.get("caption")
         if not isinstance(caption, str):
             raise ValueError(f"Item {item_id}: field 'caption' must be a string; got {caption!r}.")
@@ -148,7 +161,8 @@ def load_benchmark(bench_dir: str | os.PathLike, mask_key: str = "inpainting_mas
             try:
                 with PIL.Image.open(path) as opened:
                     size = opened.size
-            except (OSError, PIL.UnidentifiedImageError):
+                    opened.verify()  # a truncated file is found here, not hours into a run
+            except (OSError, PIL.UnidentifiedImageError, SyntaxError):
                 raise ValueError(f"Item {item_id}: field 'image' names {image}, which is not an image.") from None
             if size != (grid, grid):
                 raise ValueError(f"Item {item_id}: field 'image' names {image}, which is {size[0]}x{size[1]}, "

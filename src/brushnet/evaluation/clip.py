@@ -30,7 +30,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from .weights import load_strict, pretrained_source, read_state_dict
+from .weights import check_tokenizer_folder, load_strict, pretrained_source, read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,6 +93,7 @@ class CLIPEmbedder:
             raise ValueError(f"The CLIP model {text} does not exist: pass a folder in the "
                              "openai/clip-vit-large-patch14 layout (config.json, weights, tokenizer files).")
         where, hub_kwargs = pretrained_source(path, text)
+        check_tokenizer_folder(path, text)
         try:
             model = CLIPModel.from_pretrained(where, **hub_kwargs).float()
             tokenizer = CLIPTokenizerFast.from_pretrained(where, **hub_kwargs)

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIP_MEAN, CLIP_STD, _pooled
-from .weights import assign_state_dict, pretrained_source, read_state_dict
+from .weights import assign_state_dict, check_tokenizer_folder, pretrained_source, read_state_dict
 
 CONTEXT_LENGTH = 77
 IGNORED_KEYS = ("attn_mask",)
@@ -192,8 +192,9 @@ def load_clip_tokenizer(source):
     if not path.exists() and (text.startswith((".", "/", "~")) or text.count("/") != 1):
         raise ValueError(f"The CLIP tokenizer folder {text} does not exist: pass a folder with CLIP's vocab.json "
                          "and merges.txt (such as an openai/clip-vit-large-patch14 folder).")
+    where, hub_kwargs = pretrained_source(path, text)
+    check_tokenizer_folder(path, text)
     try:
-        where, hub_kwargs = pretrained_source(path, text)
         return CLIPTokenizer.from_pretrained(where, **hub_kwargs)
     except Exception as error:  # not a tokenizer folder, offline without a cache
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -19,6 +19,7 @@ units) and `gallery.html`. Without `accelerate launch` (or without accelerate) i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -55,7 +56,7 @@ RESULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Recorded parameters that must agree for an existing image to be reused.
 RESUME_KEYS = ("prompt", "negative_prompt", "steps", "guidance", "scale", "start", "end", "seed", "blend",
                "blend_kernel", "crop_to_mask", "context", "scheduler", "mask_key", "base_hash", "brushnet_hash",
-               "dtype", "loras", "vae_tiling")
+               "dtype", "loras", "vae_tiling", "source_image", "item_hash")
 
 
 def paper_settings(**overrides) -> InpaintSettings:
@@ -86,15 +87,25 @@ def jpeg_roundtrip(image: PIL.Image.Image, quality: int) -> PIL.Image.Image:
 
 
 def _open_result(path: Path, item: BenchmarkItem) -> PIL.Image.Image:
+    from ..masks import as_rgb
+
     try:
         with PIL.Image.open(path) as image:
-            image = image.convert("RGB")
+            image = as_rgb(image)  # a 16-bit result scaled, as the originals are, not clipped to white
     except (OSError, PIL.UnidentifiedImageError) as error:
         raise ValueError(f"Item {item.id}: the result {path} could not be read ({error}).") from None
     if image.size != (item.grid, item.grid):
         # The authors' evaluation resizes every result to 512x512 (PIL's default, bicubic).
         image = image.resize((item.grid, item.grid), PIL.Image.BICUBIC)
     return image
+
+
+def _item_hash(item: BenchmarkItem) -> str:
+    """What a result was made from, the original's bytes and the hole: a rerun must not reuse an image
+    made before either changed (results of earlier versions, which lack it, are reused as before)."""
+    digest = hashlib.sha256(item.image_path.read_bytes())
+    digest.update(json.dumps(list(item.rle)).encode())
+    return digest.hexdigest()[:16]
 
 
 def _check_existing(path: Path, params: dict) -> None:
@@ -179,6 +190,11 @@ def run_benchmark(
     process = process or process_info()
     rank, world = process.rank, process.world_size
     device = device or process.device or "cpu"
+    results_folder = (out_dir / IMAGES_DIR).resolve()
+    if images_dir is None and any(item.image_path.parent == results_folder for item in bench.items):
+        # Its results would be written over the benchmark's own images (and its originals read as results).
+        raise ValueError(f"--out {out_dir} would put the results in {results_folder}, where the benchmark's own "
+                         "images are: give an output folder outside the benchmark folder.")
     mine = shard(bench.items, rank, world)
     model_params = dict(model_params or {})
 
@@ -205,7 +221,8 @@ def run_benchmark(
             path = out_dir / IMAGES_DIR / f"{item.id}.png"
             params = {**_settings_dict(replace(settings, prompt=item.caption)), **model_params,
                       "scheduler": scheduler_name, "benchmark": bench.name, "benchmark_id": item.id,
-                      "mask_key": mask_key, "source_image": item.image, "width": grid, "height": grid}
+                      "mask_key": mask_key, "source_image": item.image, "item_hash": _item_hash(item),
+                      "width": grid, "height": grid}
             results[item.id] = path
             if path.exists():
                 _check_existing(path, params)

@@ -54,9 +54,21 @@ def pretrained_source(path: Path, text: str) -> tuple[str, dict]:
     hub cannot be reached, so the cached copy loads at once instead of after half a minute of retries."""
     from ..hub import local_only_if_unreachable
 
+    if path.is_file():  # transformers would take it for a hub id and try the network for half a minute
+        raise ValueError(f"{text} is a file: pass the model's folder (config.json, weights, tokenizer files) "
+                         "or a hub id.")
     if path.exists():
         return str(path), {}
     return text, local_only_if_unreachable({})
+
+
+def check_tokenizer_folder(path: Path, text: str) -> None:
+    """A local folder must hold CLIP's tokenizer files: without them transformers builds a tokenizer of
+    two tokens, and every caption scores as unknown words (plausible, meaningless numbers)."""
+    if path.is_dir() and not (path / "tokenizer.json").is_file() and not (
+            (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        raise ValueError(f"{text} has no CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json): "
+                         "copy them from the model's release into it.")
 
 
 def read_state_dict(spec: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
