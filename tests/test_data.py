@@ -674,3 +674,30 @@ def test_a_mask_carries_its_own_orientation(tmp_path):
     upright = np.asarray(load_mask(tmp_path / "m.jpg")) > 0
     assert open_image(tmp_path / "p.jpg").size == (H, W) and upright.shape == (W, H)
     assert upright[: W // 4 - 1].all() and not upright[W // 4 + 1:].any()
+
+
+def test_a_lone_truncated_shard_trains_on_what_it_holds_and_warns_once(shards, tmp_path, caplog):
+    # "None of the 1 shard(s) could be read" after reading every sample, and one warning per pass.
+    files = sorted(shards.glob("*.tar"))
+    data = files[0].read_bytes()
+    truncated = tmp_path / "cut.tar"
+    with tarfile.open(files[0]) as tar:
+        third = next(m for m in tar.getmembers() if m.name.startswith("s0k002."))
+    truncated.write_bytes(data[: third.offset_data + 10])  # two whole samples, then a cut
+    dataset = BrushDataShards([truncated], resolution=16, repeat=True, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="brushnet.data"):
+        captions = [r.caption for r in islice(dataset.records(), 40)]
+    assert len(captions) == 40 and len(set(captions)) >= 2
+    assert sum("Could not read the shard" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_folder_of_images_and_a_stray_tar_is_one_line(golden, tmp_path):
+    from brushnet.training import TrainConfig
+    from brushnet.training.loop import make_dataset
+
+    (tmp_path / "a.png").write_bytes(_encode(_pixels(0)))
+    (tmp_path / "backup.tar").write_bytes(b"")
+    config = TrainConfig(pretrained_model_name_or_path=str(golden("sd15_tiny_pipeline").dir),
+                         train_data_dir=str(tmp_path), output_dir=str(tmp_path / "o"), resolution=16)
+    with pytest.raises(ValueError, match=r"holds both .tar shards \(backup.tar, ...\) and images \(a.png, ...\)"):
+        make_dataset(config, seed=0, rank=0, world_size=1)

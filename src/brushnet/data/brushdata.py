@@ -155,6 +155,7 @@ class BrushDataShards(RecordDataset):
         self.shards = resolve_shards(shards)
         self.shuffle_buffer = shuffle_buffer
         self.unreadable_shards = 0
+        self._warned_shards = set()
 
     def records(self) -> Iterator[Record]:
         """This worker's samples decoded but not augmented, in the shuffled stream order."""
@@ -202,12 +203,15 @@ class BrushDataShards(RecordDataset):
             count = index = readable = 0
             for path in mine:
                 shard = self._read_shard(path)
+                read_from_it = 0
                 while True:
                     try:
                         key, fields = next(shard)
                     except StopIteration as done:
-                        readable += bool(done.value)
+                        # a truncated shard whose first samples were read counts: they train
+                        readable += bool(done.value) or read_from_it > 0
                         break
+                    read_from_it += 1
                     index += 1
                     if stride > 1 and (index - 1) % stride != slot:
                         continue
@@ -248,6 +252,9 @@ class BrushDataShards(RecordDataset):
                     yield key, fields
             return True
         except Exception as error:  # a missing, truncated or corrupt shard must not end the run
+            if path in self._warned_shards:  # told once, not again on every pass over the data
+                return False
+            self._warned_shards.add(path)
             self.unreadable_shards += 1
             logger.warning(
                 "Could not read the shard %s (%s: %s); %s. %d unreadable shard(s) so far in this process/worker.",
