@@ -701,3 +701,25 @@ def test_a_folder_of_images_and_a_stray_tar_is_one_line(golden, tmp_path):
                          train_data_dir=str(tmp_path), output_dir=str(tmp_path / "o"), resolution=16)
     with pytest.raises(ValueError, match=r"holds both .tar shards \(backup.tar, ...\) and images \(a.png, ...\)"):
         make_dataset(config, seed=0, rank=0, world_size=1)
+
+
+def test_an_interrupted_pack_leaves_no_shards(folder, tmp_path, monkeypatch):
+    # Ctrl-C after three of five shards: the three were there under their final names, and training
+    # read them as the whole set.
+    import brushnet.data.pack as pack
+
+    real, calls = pack._sample_members, []
+
+    def interrupted(item):
+        calls.append(item)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(item)
+
+    monkeypatch.setattr(pack, "_sample_members", interrupted)
+    out = tmp_path / "packed"
+    with pytest.raises(KeyboardInterrupt):
+        pack_folder(folder, out, shard_size=1)
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(pack, "_sample_members", real)
+    assert len(pack_folder(folder, out, shard_size=1)) == 5  # and a rerun needs no --overwrite

@@ -38,7 +38,7 @@ def pack_folder(
     shards gives exactly what `ImageFolderDataset` gives) and `.json` ({"source": file name}).
     Keys are running numbers. Images that cannot be used are skipped with a warning.
 
-    Each shard is written to a temporary file and renamed into place. Existing `{prefix}-*.tar`
+    Each shard is written to a temporary file; all are renamed into place once the set is complete. Existing `{prefix}-*.tar`
     shards make this raise FileExistsError unless `overwrite`, which also deletes those of the old
     set that the new one does not replace. Returns the paths of the shards written.
     """
@@ -58,9 +58,12 @@ def pack_folder(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    written: list[Path] = []
+    # Every shard stays a hidden temporary file until the whole set is written: an interrupted pack
+    # leaves no half a set under the names training reads (it would train on part of the data).
+    finished: list[_ShardWriter] = []
     writer = None
     count = skipped = 0
+    complete = False
     try:
         for item in items:
             try:
@@ -70,20 +73,27 @@ def pack_folder(
                 logger.warning("Not packing %s: %s.", item.image, error)
                 continue
             if writer is None:
-                writer = _ShardWriter(out_dir / _shard_name(prefix, len(written)))
+                writer = _ShardWriter(out_dir / _shard_name(prefix, len(finished)))
             key = f"{count:09d}"
             for field, data in members:
                 writer.add(f"{key}.{field}", data)
             count += 1
             if count % shard_size == 0:
-                written.append(writer.close())
+                writer.close()
+                finished.append(writer)
                 writer = None
         if writer is not None:
-            written.append(writer.close())
+            writer.close()
+            finished.append(writer)
             writer = None
+        complete = True
     finally:
         if writer is not None:
             writer.abort()
+        if not complete:
+            for done in finished:
+                done.temp.unlink(missing_ok=True)
+    written = [done.publish() for done in finished]
     if not written:
         raise ValueError(f"No image of {folder} could be packed ({skipped} skipped); see the warnings.")
     for stale in set(existing) - set(written):
@@ -118,7 +128,7 @@ def _sample_members(item) -> list[tuple[str, bytes]]:
 
 
 class _ShardWriter:
-    """A tar shard written to a temporary file in the same folder and renamed on close."""
+    """A tar shard written to a temporary file in the same folder, renamed into place by `publish`."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -133,11 +143,13 @@ class _ShardWriter:
         info.mtime = 0  # reproducible shards
         self.tar.addfile(info, io.BytesIO(data))
 
-    def close(self) -> Path:
+    def close(self) -> None:
         self.tar.close()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+
+    def publish(self) -> Path:
         os.replace(self.temp, self.path)
         return self.path
 
