@@ -654,6 +654,14 @@ def test_bench_command_errors(bench, tmp_path):
           "--aesthetic-weights", str(tmp_path / "nope.pth")], "aesthetic needs --clip-model"),
         (["bench", str(bench), "--out", str(tmp_path / "o"), "--images", str(bench), "--grid", str(GRID),
           "--lpips-weights", str(tmp_path / "nope.pth"), "x.pth"], "LPIPS backbone file .*nope.pth does not exist"),
+        # these named the wrong problem: "does not exist", and torch's "(101)"
+        (["bench", str(bench / "mapping_file.json"), "--out", str(tmp_path / "o"), "--images", str(bench)],
+         "mapping_file.json is a file: give the benchmark's folder"),
+        (["bench", str(bench), "--out", str(tmp_path / "o"), "--images", str(bench / "mapping_file.json"),
+          "--grid", str(GRID)], "--images .*mapping_file.json is a file: give the folder of results"),
+        (["bench", str(bench), "--out", str(tmp_path / "o"), "--images", str(bench), "--grid", str(GRID),
+          "--lpips-weights", str(bench / "mapping_file.json"), str(bench / "mapping_file.json")],
+         "neither a torch.save zip archive nor a pickle"),
     ]:
         args = parser.parse_args(argv)
         with pytest.raises(ValueError, match=message):

@@ -113,6 +113,8 @@ def load_benchmark(bench_dir: str | os.PathLike, mask_key: str = "inpainting_mas
     from ..masks import check_rle  # imports torch: only when a benchmark is read
 
     root = Path(bench_dir).expanduser()
+    if root.is_file():
+        raise ValueError(f"{root} is a file: give the benchmark's folder (the one holding {MAPPING_FILE}).")
     if not root.is_dir():
         raise ValueError(f"The benchmark folder {root} does not exist (it must hold {MAPPING_FILE}).")
     if grid < 1:
@@ -156,6 +158,9 @@ def load_benchmark(bench_dir: str | os.PathLike, mask_key: str = "inpainting_mas
                              f"({error})") from None
         path = root / image
         if check_images:
+            if path.is_dir():
+                raise ValueError(f"Item {item_id}: field 'image' names {image}, which is a folder in {root}: name "
+                                 "the image file.")
             if not path.is_file():
                 raise ValueError(f"Item {item_id}: field 'image' names {image}, which does not exist in {root}.")
             try:

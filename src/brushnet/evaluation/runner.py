@@ -179,6 +179,8 @@ def run_benchmark(
         if pipe is not None or pipe_loader is not None:
             raise ValueError("images_dir scores existing results: give no pipeline with it.")
         images_dir = Path(images_dir).expanduser()
+        if images_dir.is_file():
+            raise ValueError(f"--images {images_dir} is a file: give the folder of results.")
         if not images_dir.is_dir():
             raise ValueError(f"The results folder {images_dir} does not exist.")
     elif pipe is None and pipe_loader is None:

@@ -80,6 +80,11 @@ def read_state_dict(spec: str | os.PathLike, what: str) -> dict[str, torch.Tenso
 
             loaded = load_file(str(path))
         else:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch would say only "(101)", a byte's value
+                raise ValueError("neither a torch.save zip archive nor a pickle: a .pth/.pt file of tensors, or "
+                                 ".safetensors")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, a pickle holding code, an unknown format
         raise ValueError(f"{what} {path} could not be read as a weights file ({_first_line(error)}).") from None
