@@ -4,6 +4,7 @@
 import argparse
 import csv
 import json
+import logging
 import math
 import shutil
 import threading
@@ -718,3 +719,16 @@ def test_a_16_bit_result_is_scored_as_it_looks(bench, tmp_path):
         (tmp_path / f"{item}-8bit.png").rename(results / f"{item}.png")
     eight = run_benchmark(bench, tmp_path / "o8", images_dir=results, grid=GRID, progress=False, gallery=False)
     assert sixteen["metrics"]["psnr"]["mean"] == pytest.approx(eight["metrics"]["psnr"]["mean"], abs=1e-6)
+
+
+def test_a_metric_without_values_is_told(bench, tmp_path, caplog):
+    # Every hole the whole image: PSNR has no kept pixel anywhere, and summary.csv held NaN silently.
+    mapping = json.loads((bench / "mapping_file.json").read_text())
+    for entry in mapping.values():
+        entry["inpainting_mask"] = [1, GRID * GRID]
+    (bench / "mapping_file.json").write_text(json.dumps(mapping))
+    with caplog.at_level(logging.WARNING, logger="brushnet.evaluation"):
+        summary = run_benchmark(bench, tmp_path / "o", images_dir=bench, grid=GRID, metrics="psnr",
+                                progress=False, gallery=False)
+    assert summary["metrics"]["psnr"]["count"] == 0
+    assert "psnr: 3 of 3 image(s) gave no value (NaN: no kept pixel to compare)" in caplog.text

@@ -265,6 +265,12 @@ def run_benchmark(
         "settings": _settings_dict(settings) | {"prompt": "<caption>"}, "scheduler": scheduler or "pipeline default",
         "model": model_params, "processes": world,
     }
+    for name, metric in summary["metrics"].items():
+        if metric["count"] < len(records):  # its mean is over fewer images, or NaN over none
+            logger.warning("%s: %d of %d image(s) gave no value (NaN: %s), so its mean is over %d.", name,
+                           len(records) - metric["count"], len(records),
+                           "no kept pixel to compare" if name in ("psnr", "mse", "lpips")
+                           else "the metric returned NaN; check its weights", metric["count"])
     write_per_image_csv(out_dir / "per_image.csv", records, names)
     write_summaries(out_dir, summary)
     if gallery:
