@@ -732,3 +732,21 @@ def test_a_metric_without_values_is_told(bench, tmp_path, caplog):
                                 progress=False, gallery=False)
     assert summary["metrics"]["psnr"]["count"] == 0
     assert "psnr: 3 of 3 image(s) gave no value (NaN: no kept pixel to compare)" in caplog.text
+
+
+def test_a_rerun_leaves_no_report_of_the_previous_run(bench, tmp_path, monkeypatch):
+    # Interrupted while its reports were written, a rerun left the first run's gallery.html beside
+    # its own summary.
+    import brushnet.evaluation.runner as runner
+
+    out = tmp_path / "o"
+    run_benchmark(bench, out, images_dir=bench, grid=GRID, metrics="psnr", progress=False)
+    assert (out / "gallery.html").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_write_gallery", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(bench, out, images_dir=bench, grid=GRID, metrics="psnr", progress=False)
+    assert (out / "summary.csv").is_file() and not (out / "gallery.html").exists()
