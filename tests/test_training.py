@@ -1,6 +1,7 @@
 """`brushnet train` on tiny models: it learns, checkpoints, resumes, validates, and runs on 2 processes."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -590,3 +591,12 @@ def test_a_run_without_seed_resumes_on_the_same_data(golden, data, tmp_path):
         ends.append(_run(golden, data, tmp_path / copy, 4, seed=None, resume_from_checkpoint="latest"))
     for key in ends[0]:
         assert torch.equal(ends[0][key], ends[1][key]), key
+
+
+def test_validation_that_would_never_run_is_told(golden, data, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="brushnet.training"):
+        train(config(golden, data, tmp_path / "v", max_train_steps=2, validation_steps=100,
+                     validation_image=[str(data / "00.png")], validation_mask=[str(data / "masks" / "00.png")],
+                     validation_prompt=["a red square"]))
+    assert "--validation_steps 100 is more than --max_train_steps 2: no validation image will be made" in caplog.text
+    assert not (tmp_path / "v" / "validation").exists()

@@ -112,7 +112,7 @@ def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
         try:
             caption = item.caption.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM is no word
         except (OSError, UnicodeDecodeError) as error:
-            raise BrokenSample(f"unreadable caption file ({error})") from None
+            raise BrokenSample(f"unreadable caption file {item.caption.name} ({error})") from None
     masks, object_captions, background_caption = [], [], None
     if with_masks and item.mask is not None:
         try:

@@ -68,6 +68,9 @@ def train(config: TrainConfig) -> Path:
     num_warmup_steps, warning = warmup_steps(config)
     if warning and accelerator.is_main_process:
         logger.warning(warning)
+    if config.validation_image and config.validation_steps > config.max_train_steps and accelerator.is_main_process:
+        logger.warning(f"--validation_steps {config.validation_steps} is more than --max_train_steps "
+                       f"{config.max_train_steps}: no validation image will be made (lower --validation_steps).")
     checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, ema=config.use_ema,
                                  report=accelerator.is_main_process)
     seed_file = None if checkpoint is None else checkpoint / DATA_SEED_FILE.format(rank=accelerator.process_index)
