@@ -61,7 +61,7 @@ def test_bf16_drift_on_the_golden_pipelines(golden, case_name, pipeline_class):
     mask = Image.open(case.dir / "mask.png")
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        pipe = pipeline_class.from_pretrained(case.dir, torch_dtype=dtype)
+        pipe = pipeline_class.from_pretrained(case.dir, dtype=dtype)
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, final_sigmas_type="sigma_min")
         pipe.set_progress_bar_config(disable=True)
         outputs[dtype] = pipe("a red cake on the table", image=image, mask=mask, num_inference_steps=10,
