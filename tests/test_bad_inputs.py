@@ -592,3 +592,70 @@ def test_sdxl_prompt_2_of_another_batch_and_impossible_denoising_end(golden):
     for value in (0.0, 2.0, float("nan")):
         with pytest.raises(ValueError, match=r"denoising_end must be a number in \(0, 1\]"):
             sdxl(prompt="x", image=image, mask=mask, num_inference_steps=2, denoising_end=value)
+
+
+def _fresh_pipe(base):
+    fresh = StableDiffusionBrushNetPipeline.from_pretrained(base)
+    fresh.set_progress_bar_config(disable=True)
+    return fresh
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2's, inside diffusers' KDPM2 sigma code
+def test_second_order_schedulers_run_and_custom_timesteps_are_checked(base, photo):
+    # Heun and KDPM2 visit each noise level twice by design: every step count was refused.
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler
+
+    image, mask = Image.open(photo[0]), Image.open(photo[1])
+    fresh = _fresh_pipe(base)
+    for cls in (HeunDiscreteScheduler, KDPM2DiscreteScheduler):
+        fresh.scheduler = cls.from_config(fresh.scheduler.config)
+        out = fresh("x", image=image, mask=mask, num_inference_steps=4, output_type="np").images
+        assert np.isfinite(out).all()
+    fresh.scheduler = EulerDiscreteScheduler.from_config(fresh.scheduler.config)
+    for timesteps, message in (([999, 500, 500, 100], "must go down, each once"), ([100, 500, 999], "must go down"),
+                               ([1500, 500, 100], r"whole numbers in \[0, 1000\)"),
+                               ([999, 500, -50], r"whole numbers in \[0, 1000\)")):
+        with pytest.raises(ValueError, match=message):
+            fresh("x", image=image, mask=mask, timesteps=timesteps)
+    assert np.isfinite(fresh("x", image=image, mask=mask, timesteps=[999, 500, 100], output_type="np").images).all()
+
+
+def test_diffusers_callback_objects_name_their_own_tensors(pipe, photo):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    image, mask = Image.open(photo[0]), Image.open(photo[1])
+    out = pipe("x", image=image, mask=mask, num_inference_steps=3, output_type="np",
+               callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4)).images  # was KeyError 'prompt_embeds'
+    assert np.isfinite(out).all()
+
+
+def test_text_and_embeddings_latents_and_precisions_misused(base, pipe, photo):
+    image, mask = Image.open(photo[0]), Image.open(photo[1])
+    embeds, negative = pipe.encode_prompt("a cake", "cpu", 1, True, "bad")
+    with pytest.raises(ValueError, match="Give `prompt` or `prompt_embeds`, not both"):
+        pipe("something else", prompt_embeds=embeds, image=image, mask=mask)
+    with pytest.raises(ValueError, match="Give `negative_prompt` or `negative_prompt_embeds`, not both"):
+        pipe("x", negative_prompt="bad", negative_prompt_embeds=negative, image=image, mask=mask)
+    # latents in another precision are cast (a dtype error deep in the UNet); numpy is a TypeError
+    shape = (1, 4, 16, 16)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    run = dict(image=image, mask=mask, num_inference_steps=2, output_type="np")
+    assert np.abs(pipe("x", latents=noise.double(), **run).images - pipe("x", latents=noise, **run).images).max() < 1e-6
+    with pytest.raises(TypeError, match="`latents` must be a torch tensor; got ndarray"):
+        pipe("x", latents=noise.numpy(), **run)
+    fresh = _fresh_pipe(base)
+    fresh.brushnet.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="The BrushNet is in bfloat16 but the UNet in float32"):
+        fresh("x", **run)
+    fresh.brushnet = None
+    with pytest.raises(ValueError, match="brushnet must be a BrushNetModel; got NoneType"):
+        fresh("x", **run)
+
+
+def test_an_fp16_variant_folder_loads(base, tmp_path):
+    fresh = _fresh_pipe(base)
+    fresh.save_pretrained(tmp_path / "v", variant="fp16")
+    assert (tmp_path / "v" / "brushnet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = StableDiffusionBrushNetPipeline.from_pretrained(tmp_path / "v", variant="fp16")
+    for key, value in fresh.brushnet.state_dict().items():
+        assert torch.equal(loaded.brushnet.state_dict()[key], value), key

@@ -53,7 +53,7 @@ def check_steps(steps, name: str = "num_inference_steps", num_train_timesteps: i
     return check_number(steps, name, low=1, high=num_train_timesteps, integer=True)
 
 
-def check_schedule(timesteps, sigmas) -> None:
+def check_schedule(timesteps, sigmas, order: int = 1) -> None:
     """The noise levels of a call's schedule, after `set_timesteps`: distinct and finite.
 
     With more steps than the training schedule can space out (e.g. 1000 of 1000 timesteps for
@@ -68,10 +68,22 @@ def check_schedule(timesteps, sigmas) -> None:
     levels = [float(s) for s in sigmas[: len(timesteps)]]
     if not all(math.isfinite(level) for level in levels):
         raise ValueError(f"{len(timesteps)} denoising steps give this scheduler non-finite noise levels: use fewer.")
-    if len(set(levels)) != len(levels):
+    # Second-order samplers (Heun, KDPM2: `order` 2) visit each noise level twice by design.
+    if order == 1 and len(set(levels)) != len(levels):
         raise ValueError(
             f"{len(timesteps)} denoising steps are more than this scheduler can space over its training timesteps "
             f"(two would fall on one noise level): use fewer, at most {len(set(levels))}.")
+
+
+def check_custom_timesteps(timesteps, num_train_timesteps: int) -> None:
+    """A `timesteps=` list: whole numbers in [0, num_train_timesteps), each once, from noisy to clean.
+    A repeat divides by zero in the multistep solvers; out-of-range or ascending ones run, wrongly."""
+    values = [float(t) for t in timesteps]
+    if not all(math.isfinite(t) and t == int(t) and 0 <= t < num_train_timesteps for t in values):
+        raise ValueError(f"`timesteps` must be whole numbers in [0, {num_train_timesteps}); got {list(timesteps)}.")
+    if any(later >= earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(f"`timesteps` must go down, each once (noisy to clean, e.g. [999, 500, 100]); "
+                         f"got {list(timesteps)}.")
 
 
 def check_guidance(value, name: str = "guidance_scale") -> float:

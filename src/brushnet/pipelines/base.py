@@ -16,6 +16,7 @@ from ..arguments import (
     check_blend_kernel,
     check_conditioning_scale,
     check_control_window,
+    check_custom_timesteps,
     check_guidance,
     check_guidance_rescale,
     check_num_images,
@@ -51,6 +52,9 @@ def check_brushnet_matches_unet(brushnet, unet) -> None:
     """Raise before any denoising if the BrushNet does not fit the base UNet (another family, layout
     or channel count), saying what differs."""
     brushnet, unet = _unwrap(brushnet), _unwrap(unet)
+    if not isinstance(brushnet, BrushNetModel):
+        raise ValueError(f"The pipeline's brushnet must be a BrushNetModel; got {type(brushnet).__name__}: load one "
+                         "with BrushNetModel.from_pretrained(...) and pass brushnet=.")
     message = mismatch_message(brushnet.config, unet.config)
     if message is None and (len(brushnet.brushnet_down_blocks), len(brushnet.brushnet_up_blocks)) != count_residuals(unet):
         message = (f"This BrushNet gives {len(brushnet.brushnet_down_blocks)} down and "
@@ -146,7 +150,7 @@ class BrushNetPipelineMixin:
                     f"{pretrained_model_name_or_path} has no brushnet/ folder: it is a base model. Pass "
                     "brushnet=BrushNetModel.from_pretrained(...) to load a BrushNet with it."
                 )
-            dtype_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype") if kwargs.get(k) is not None}
+            dtype_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "variant") if kwargs.get(k) is not None}
             kwargs["brushnet"] = BrushNetModel.from_pretrained(folder, subfolder="brushnet", **dtype_kwargs)
             pretrained_model_name_or_path = folder
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -200,6 +204,12 @@ class BrushNetPipelineMixin:
                                           _single(control_guidance_end, "control_guidance_end"))
         check_blend_kernel(blend_kernel)
         check_brushnet_matches_unet(self.brushnet, self.unet)
+        branch, unet = _unwrap(self.brushnet), _unwrap(self.unet)
+        if branch.dtype != unet.dtype and not torch.is_autocast_enabled(unet.device.type):
+            # It would fail in the first matrix product ("mat1 and mat2 must have the same dtype").
+            raise ValueError(f"The BrushNet is in {str(branch.dtype).removeprefix('torch.')} but the UNet in "
+                             f"{str(unet.dtype).removeprefix('torch.')}: put both in one precision "
+                             "(pipe.to(dtype), or load the BrushNet with the pipeline's torch_dtype).")
         return scale, start, end
 
     def check_sampling_inputs(self, num_inference_steps, timesteps, guidance_scale, num_images_per_prompt,
@@ -212,6 +222,8 @@ class BrushNetPipelineMixin:
             check_steps(num_inference_steps, num_train_timesteps=self.scheduler.config.num_train_timesteps)
         elif len(timesteps) == 0:
             raise ValueError("`timesteps` is empty: give at least one timestep, or num_inference_steps instead.")
+        else:
+            check_custom_timesteps(timesteps, self.scheduler.config.num_train_timesteps)
         check_guidance(guidance_scale)
         check_guidance_rescale(guidance_rescale)
         check_num_images(num_images_per_prompt)
@@ -219,7 +231,7 @@ class BrushNetPipelineMixin:
 
     def check_schedule(self, timesteps) -> None:
         """Refuse a schedule the sampler cannot take (two steps on one timestep: a NaN image)."""
-        check_schedule(timesteps, getattr(self.scheduler, "sigmas", None))
+        check_schedule(timesteps, getattr(self.scheduler, "sigmas", None), getattr(self.scheduler, "order", 1))
 
     def prepare_brushnet_inputs(self, image, mask, height, width, batch_size, device):
         """Preprocess image and mask once per call.
@@ -278,10 +290,12 @@ class BrushNetPipelineMixin:
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif not isinstance(latents, torch.Tensor):
+            raise TypeError(f"`latents` must be a torch tensor; got {type(latents).__name__}.")
         elif latents.shape != shape:
             raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
         else:
-            latents = latents.to(device)
+            latents = latents.to(device=device, dtype=dtype)  # the pipeline's precision, whatever it came in
         if image is None:
             return latents * self.scheduler.init_noise_sigma
         # The images of a call repeat each row num_images_per_prompt times: encode each once.

@@ -210,7 +210,8 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )
         self._check_unet_prompts(promptU, negative_promptU)
-        _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = _check_callback_inputs(
+            self, callback_on_step_end_tensor_inputs, callback_on_step_end)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip

@@ -3,6 +3,7 @@
 from typing import Any, Callable
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import (
     FromSingleFileMixin,
@@ -133,6 +134,7 @@ class StableDiffusionBrushNetPipeline(
         mask = _resolve_mask(mask, mask_image)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
+        _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
                                    guidance_rescale, output_type)
@@ -141,7 +143,8 @@ class StableDiffusionBrushNetPipeline(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )
-        _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = _check_callback_inputs(
+            self, callback_on_step_end_tensor_inputs, callback_on_step_end)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -254,7 +257,20 @@ def _resolve_mask(mask, mask_image):
     return mask if mask is not None else mask_image
 
 
-def _check_callback_inputs(pipe, names) -> None:
+def _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds) -> None:
+    """One of text and embeddings for each prompt, as diffusers requires: given both, one would be ignored."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("Give `prompt` or `prompt_embeds`, not both: the text would be ignored.")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("Give `negative_prompt` or `negative_prompt_embeds`, not both: the text would be ignored.")
+
+
+def _check_callback_inputs(pipe, names, callback=None) -> list[str]:
+    """The tensors to hand the step-end callback: a diffusers `PipelineCallback` (or several) names
+    its own, as in diffusers' pipelines; each must be one this pipeline has."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        names = callback.tensor_inputs
     unknown = [k for k in names if k not in pipe._callback_tensor_inputs]
     if unknown:
         raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {pipe._callback_tensor_inputs}.")
+    return list(names)

@@ -29,7 +29,7 @@ from transformers import (
 from ..arguments import check_number
 from ..models import BrushNetModel
 from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
-from .pipeline_sd import _check_callback_inputs, _resolve_mask
+from .pipeline_sd import _check_callback_inputs, _check_text_or_embeds, _resolve_mask
 
 
 class StableDiffusionXLBrushNetPipeline(
@@ -170,6 +170,7 @@ class StableDiffusionXLBrushNetPipeline(
         mask = _resolve_mask(mask, mask_image)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
+        _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
@@ -187,7 +188,8 @@ class StableDiffusionXLBrushNetPipeline(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )
-        _check_callback_inputs(self, callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = _check_callback_inputs(
+            self, callback_on_step_end_tensor_inputs, callback_on_step_end)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
