@@ -528,3 +528,23 @@ def test_family_follows_the_conditioning_not_the_depth():
               "down_blocks.1.resnets.0.conv1.weight": (64, 32, 3, 3), "down_blocks.2.resnets.0.conv1.weight": (128, 64, 3, 3)}
     assert detect_brushnet_family(shapes) == "sd15"
     assert detect_brushnet_family({**shapes, "add_embedding.linear_1.weight": (128, 80)}) == "sdxl"
+
+
+def test_load_pipeline_passes_variant_and_config_fields_to_the_brushnet(golden, tmp_path):
+    # An fp16-variant BrushNet folder was "missing its weights"; a single file's norm_num_groups=,
+    # which the error itself asks for, was dropped on the way.
+    from safetensors.torch import save_file
+
+    case = golden("sd15_tiny_pipeline").dir
+    branch = BrushNetModel.from_pretrained(case / "brushnet")
+    branch.save_pretrained(tmp_path / "variant", variant="fp16")
+    with pytest.raises(ModelLoadError, match="holds diffusion_pytorch_model.fp16.safetensors .* pass variant='fp16'"):
+        load_pipeline(case, tmp_path / "variant")
+    StableDiffusionBrushNetPipeline.from_pretrained(case).save_pretrained(tmp_path / "base", variant="fp16")
+    pipe = load_pipeline(tmp_path / "base", tmp_path / "variant", variant="fp16")
+    assert torch.equal(pipe.brushnet.state_dict()["conv_in_condition.weight"], branch.state_dict()["conv_in_condition.weight"])
+    save_file(branch.state_dict(), tmp_path / "alone.safetensors")
+    with pytest.raises(ModelLoadError, match="pass norm_num_groups="):
+        load_pipeline(case, tmp_path / "alone.safetensors")
+    pipe = load_pipeline(case, tmp_path / "alone.safetensors", norm_num_groups=branch.config.norm_num_groups)
+    assert torch.equal(pipe.brushnet.state_dict()["conv_in_condition.weight"], branch.state_dict()["conv_in_condition.weight"])

@@ -624,7 +624,8 @@ def load_brushnet(source: str | os.PathLike, *, torch_dtype=None, allow_pickle=F
     if path.is_dir():
         return _load_brushnet_folder(path, torch_dtype, allow_pickle, hub_kwargs)
     if path.is_file():
-        return _load_brushnet_file(path, torch_dtype, allow_pickle)
+        overrides = {key: hub_kwargs[key] for key in _BRUSHNET_CONFIG_KWARGS if key in hub_kwargs}
+        return _load_brushnet_file(path, torch_dtype, allow_pickle, overrides)
     if _is_hub_id(str(source)):
         return _load_brushnet_hub(str(source), torch_dtype, _local_only_if_unreachable(hub_kwargs, source))
     raise _missing_path_error(source, "BrushNet")
@@ -670,6 +671,11 @@ def _load_brushnet_folder(folder: Path, torch_dtype, allow_pickle: bool, hub_kwa
             )
         use_safetensors = False
     else:
+        variants = sorted(p.name for p in folder.glob("diffusion_pytorch_model.*.safetensors"))
+        if variants and not variant:
+            found = variants[0].split(".")[1]
+            raise ModelLoadError(f"{folder} holds {variants[0]} but no diffusion_pytorch_model.safetensors: pass "
+                                 f"variant={found!r} to load that variant.")
         raise ModelLoadError(f"{folder} has a config.json but no {stem}.safetensors: the weights are missing.")
 
     kwargs = {"use_safetensors": use_safetensors, **_dtype_kwargs(torch_dtype)}
@@ -689,7 +695,7 @@ def _check_is_brushnet_config(config: Mapping, source) -> None:
         )
 
 
-def _load_brushnet_file(path: Path, torch_dtype, allow_pickle: bool) -> BrushNetModel:
+def _load_brushnet_file(path: Path, torch_dtype, allow_pickle: bool, overrides: dict | None = None) -> BrushNetModel:
     if path.suffix == SAFETENSORS_SUFFIX:
         shapes = _read_safetensors_shapes(path)
         state_dict = None  # read after all checks pass
@@ -705,7 +711,8 @@ def _load_brushnet_file(path: Path, torch_dtype, allow_pickle: bool) -> BrushNet
 
     config, config_origin = _config_beside(path), f"the config.json beside {path.name}"
     if config is None:
-        config, config_origin = brushnet_config_from_state_dict(shapes), "the config derived from its shapes"
+        config = brushnet_config_from_state_dict(shapes, **(overrides or {}))
+        config_origin = "the config derived from its shapes"
     model = _empty_brushnet(config, path)
     _check_weights_fit(model, shapes, path, config_origin)
 
@@ -893,6 +900,23 @@ def check_model_pair(base, brushnet, *, allow_pickle=False, **hub_kwargs) -> _Ba
     return base_info
 
 
+def _brushnet_kwargs(brushnet, hub_kwargs: dict) -> dict:
+    """What of load_pipeline's keywords the BrushNet gets: the repo-independent hub ones, a `variant`
+    its local folder has (a base's fp16 variant says nothing of a BrushNet saved without one), and
+    the config fields a single weights file may need (norm_num_groups, addition_time_embed_dim)."""
+    kwargs = {key: hub_kwargs.pop(key) if key in _BRUSHNET_CONFIG_KWARGS else hub_kwargs[key]
+              for key in (*_SHARED_HUB_KWARGS, *_BRUSHNET_CONFIG_KWARGS) if key in hub_kwargs}
+    variant = hub_kwargs.get("variant")
+    if variant and isinstance(brushnet, (str, os.PathLike)) and Path(brushnet).is_dir():
+        folder = _brushnet_folder(Path(brushnet))
+        if (folder / f"diffusion_pytorch_model.{variant}.safetensors").is_file():
+            kwargs["variant"] = variant
+    return kwargs
+
+
+_BRUSHNET_CONFIG_KWARGS = ("norm_num_groups", "addition_time_embed_dim")
+
+
 def load_pipeline(
     base: str | os.PathLike,
     brushnet: str | os.PathLike | BrushNetModel,
@@ -931,7 +955,7 @@ def load_pipeline(
         return _load_powerpaint_pipeline(base, brushnet, base_info, torch_dtype, allow_pickle, base_config,
                                          text_encoder_brushnet, hub_kwargs)
 
-    brushnet_hub_kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
+    brushnet_hub_kwargs = _brushnet_kwargs(brushnet, hub_kwargs)
     model = load_brushnet(brushnet, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **brushnet_hub_kwargs)
     family = detect_brushnet_family(model.config)
     _check_families(family, base_info.family, brushnet, base)
@@ -966,7 +990,7 @@ def _load_powerpaint_pipeline(base, brushnet, base_info: _BaseInfo, torch_dtype,
     # Every file is found and read before the base model, so a missing text encoder fails fast.
     source = _find_branch_text_encoder(brushnet, text_encoder_brushnet)
     state = _read_text_encoder_state(source.weights, allow_pickle) if source.weights is not None else None
-    brushnet_hub_kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
+    brushnet_hub_kwargs = _brushnet_kwargs(brushnet, hub_kwargs)
     model = load_brushnet(brushnet, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **brushnet_hub_kwargs)
 
     kwargs = dict(hub_kwargs, brushnet=model, text_encoder_brushnet=None, **_dtype_kwargs(torch_dtype))
