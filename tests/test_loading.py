@@ -548,3 +548,10 @@ def test_load_pipeline_passes_variant_and_config_fields_to_the_brushnet(golden, 
         load_pipeline(case, tmp_path / "alone.safetensors")
     pipe = load_pipeline(case, tmp_path / "alone.safetensors", norm_num_groups=branch.config.norm_num_groups)
     assert torch.equal(pipe.brushnet.state_dict()["conv_in_condition.weight"], branch.state_dict()["conv_in_condition.weight"])
+
+
+def test_a_pipeline_class_of_the_other_family_is_refused_at_load(golden):
+    with pytest.raises(ValueError, match="holds an SDXL model: load it with StableDiffusionXLBrushNetPipeline"):
+        StableDiffusionBrushNetPipeline.from_pretrained(golden("sdxl_tiny_pipeline").dir)
+    with pytest.raises(ValueError, match="holds an SD1.5 BrushNet model: load it with StableDiffusionBrushNetPipeline"):
+        StableDiffusionXLBrushNetPipeline.from_pretrained(golden("sd15_tiny_pipeline").dir)

@@ -44,6 +44,24 @@ logger = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"
 
 
+def _check_pipeline_class(pipe) -> None:
+    """The class that fits the loaded folder, said at load time (at call time it was an error about
+    added_cond_kwargs, or a missing second text encoder)."""
+    from .pipeline_powerpaint import StableDiffusionPowerPaintPipeline
+    from .pipeline_sdxl import StableDiffusionXLBrushNetPipeline
+
+    sdxl = _unwrap(pipe.unet).config.addition_embed_type == "text_time"
+    powerpaint = _unwrap(pipe.brushnet).has_attention
+    fitting = (StableDiffusionXLBrushNetPipeline if sdxl else
+               StableDiffusionPowerPaintPipeline if powerpaint else None)
+    if fitting is not None and not isinstance(pipe, fitting):
+        raise ValueError(f"This folder holds {'an SDXL' if sdxl else 'a PowerPaint'} model: load it with "
+                         f"{fitting.__name__} (or brushnet.load_pipeline, which picks the class).")
+    if fitting is None and isinstance(pipe, (StableDiffusionXLBrushNetPipeline, StableDiffusionPowerPaintPipeline)):
+        raise ValueError("This folder holds an SD1.5 BrushNet model: load it with StableDiffusionBrushNetPipeline "
+                         "(or brushnet.load_pipeline, which picks the class).")
+
+
 def _unwrap(module):
     return getattr(module, "_orig_mod", module)  # torch.compile wrapper
 
@@ -155,6 +173,7 @@ class BrushNetPipelineMixin:
             pretrained_model_name_or_path = folder
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_brushnet_matches_unet(pipe.brushnet, pipe.unet)
+        _check_pipeline_class(pipe)
         return pipe
 
     def save_pretrained(self, save_directory, *args, **kwargs):
