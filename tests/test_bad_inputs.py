@@ -659,3 +659,29 @@ def test_an_fp16_variant_folder_loads(base, tmp_path):
     loaded = StableDiffusionBrushNetPipeline.from_pretrained(tmp_path / "v", variant="fp16")
     for key, value in fresh.brushnet.state_dict().items():
         assert torch.equal(loaded.brushnet.state_dict()[key], value), key
+
+
+def test_embeddings_ip_adapter_inputs_and_sdxl_sizes_misused(pipe, photo, golden):
+    image, mask = Image.open(photo[0]), Image.open(photo[1])
+    embeds, negative = pipe.encode_prompt("a cake", "cpu", 1, True, "bad")
+    for kwargs, message in (({"negative_prompt_embeds": negative[:, :10]}, "must have one shape"),
+                            ({"negative_prompt_embeds": torch.cat([negative, negative])}, "must have one shape"),
+                            ({"prompt_embeds": embeds[..., :5], "negative_prompt_embeds": None},
+                             r"must be a \(batch, tokens, 32\) tensor"),
+                            ({"prompt_embeds": embeds[0], "negative_prompt_embeds": None}, r"got \(77, 32\)")):
+        kwargs = {"prompt_embeds": embeds, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            pipe(image=image, mask=mask, num_inference_steps=2, **kwargs)
+    with pytest.raises(ValueError, match="need an IP-Adapter: load one first with pipe.load_ip_adapter"):
+        pipe("x", image=image, mask=mask, num_inference_steps=2, ip_adapter_image=image)
+    from brushnet import StableDiffusionXLBrushNetPipeline
+
+    directory = golden("sdxl_tiny_pipeline").dir
+    sdxl = StableDiffusionXLBrushNetPipeline.from_pretrained(directory)
+    image, mask = Image.open(directory / "init_image.png"), Image.open(directory / "mask.png")
+    with pytest.raises(ValueError, match=r"`original_size` must be \(height, width\)"):
+        sdxl("x", image=image, mask=mask, num_inference_steps=2, original_size=1024)
+    prompt, negative, pooled, _ = sdxl.encode_prompt("x", device="cpu")
+    with pytest.raises(ValueError, match="`negative_prompt_embeds` needs `negative_pooled_prompt_embeds`"):
+        sdxl(prompt_embeds=prompt, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative, image=image,
+             mask=mask, num_inference_steps=2)

@@ -16,7 +16,7 @@ from ..arguments import check_number
 from ..models import BrushNetModel
 from ..models.task_prompts import ALL_TASK_TOKENS, add_task_tokens, expand_task_words
 from .base import _unwrap
-from .pipeline_sd import StableDiffusionBrushNetPipeline, _check_callback_inputs, _resolve_mask
+from .pipeline_sd import StableDiffusionBrushNetPipeline, _check_callback_inputs, _check_ip_adapter, _resolve_mask
 
 
 # Task -> (promptA, promptB, negative_promptA, negative_promptB, UNet prompt template), as the authors'
@@ -210,6 +210,7 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )
         self._check_unet_prompts(promptU, negative_promptU)
+        _check_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds)
         callback_on_step_end_tensor_inputs = _check_callback_inputs(
             self, callback_on_step_end_tensor_inputs, callback_on_step_end)
         self._guidance_scale = guidance_scale

@@ -134,7 +134,9 @@ class StableDiffusionBrushNetPipeline(
         mask = _resolve_mask(mask, mask_image)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
-        _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
+        _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                              self.unet.config.cross_attention_dim)
+        _check_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
                                    guidance_rescale, output_type)
@@ -257,12 +259,35 @@ def _resolve_mask(mask, mask_image):
     return mask if mask is not None else mask_image
 
 
-def _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds) -> None:
-    """One of text and embeddings for each prompt, as diffusers requires: given both, one would be ignored."""
+def _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width=None) -> None:
+    """One of text and embeddings for each prompt, as diffusers requires: given both, one would be
+    ignored. Given embeddings are (batch, tokens, width), both of one shape (they are concatenated
+    for guidance), `width` the UNet's cross-attention width: else a tensor error deep in the UNet."""
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("Give `prompt` or `prompt_embeds`, not both: the text would be ignored.")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("Give `negative_prompt` or `negative_prompt_embeds`, not both: the text would be ignored.")
+    for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if embeds is None:
+            continue
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or (
+                isinstance(width, int) and embeds.shape[-1] != width):
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"`{name}` must be a (batch, tokens, {width or 'width'}) tensor from encode_prompt; "
+                             f"got {shape}.")
+    if prompt_embeds is not None and negative_prompt_embeds is not None and \
+            prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                         f"{tuple(negative_prompt_embeds.shape)} must have one shape (encode_prompt gives both).")
+
+
+def _check_ip_adapter(pipe, ip_adapter_image, ip_adapter_image_embeds) -> None:
+    """IP-Adapter inputs need an adapter loaded (pipe.load_ip_adapter): else an AttributeError deep
+    in diffusers, or embeddings silently ignored."""
+    if (ip_adapter_image is not None or ip_adapter_image_embeds is not None) and \
+            getattr(pipe.unet, "encoder_hid_proj", None) is None:
+        raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter: load one first with "
+                         "pipe.load_ip_adapter(...).")
 
 
 def _check_callback_inputs(pipe, names, callback=None) -> list[str]:

@@ -29,7 +29,7 @@ from transformers import (
 from ..arguments import check_number
 from ..models import BrushNetModel
 from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
-from .pipeline_sd import _check_callback_inputs, _check_text_or_embeds, _resolve_mask
+from .pipeline_sd import _check_callback_inputs, _check_ip_adapter, _check_text_or_embeds, _resolve_mask
 
 
 class StableDiffusionXLBrushNetPipeline(
@@ -170,7 +170,15 @@ class StableDiffusionXLBrushNetPipeline(
         mask = _resolve_mask(mask, mask_image)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
-        _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
+        _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                              self.unet.config.cross_attention_dim)
+        _check_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds)
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` (both come from "
+                             "encode_prompt).")
+        for name, size in (("original_size", original_size), ("target_size", target_size)):
+            if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2):
+                raise ValueError(f"`{name}` must be (height, width), e.g. (1024, 1024); got {size!r}.")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
