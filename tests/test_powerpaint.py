@@ -326,3 +326,9 @@ def test_save_and_reload_the_pipeline(pipeline_case, tmp_path):
     again.set_progress_bar_config(disable=True)
     assert len(again.tokenizer) == len(pipe.tokenizer)
     assert (_small_call(case, again, prompt="a red cake") == _small_call(case, pipe, prompt="a red cake")).all()
+    # load_pipeline finds the saved folder's own branch text encoder (it asked for a pytorch_model.bin)
+    from brushnet import load_pipeline
+
+    loaded = load_pipeline(tmp_path, tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert (_small_call(case, loaded, prompt="a red cake") == _small_call(case, pipe, prompt="a red cake")).all()

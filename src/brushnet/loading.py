@@ -430,10 +430,12 @@ def _find_branch_text_encoder(brushnet, text_encoder_brushnet=None) -> _TextEnco
     for name in (POWERPAINT_TEXT_ENCODER_SAFETENSORS, POWERPAINT_TEXT_ENCODER_BIN):
         if (branch_dir / name).is_file():
             return _TextEncoderSource(weights=branch_dir / name)
-    folder = root / IOPAINT_TEXT_ENCODER_FOLDER
-    if (folder / "config.json").is_file():
-        tokenizer = root / "tokenizer"
-        return _TextEncoderSource(folder=folder, tokenizer=tokenizer if tokenizer.is_dir() else None)
+    # IOPaint's layout, and a saved StableDiffusionPowerPaintPipeline's (its branch in brushnet/).
+    for top in (root, *([branch_dir.parent] if branch_dir.name == "brushnet" else [])):
+        folder = top / IOPAINT_TEXT_ENCODER_FOLDER
+        if (folder / "config.json").is_file():
+            tokenizer = top / "tokenizer"
+            return _TextEncoderSource(folder=folder, tokenizer=tokenizer if tokenizer.is_dir() else None)
     raise ModelLoadError(
         f"PowerPaint branch {brushnet} has no branch text encoder: put its {POWERPAINT_TEXT_ENCODER_BIN} (from the "
         f"same release) or {POWERPAINT_TEXT_ENCODER_SAFETENSORS} in {branch_dir}, or pass text_encoder_brushnet=..."

@@ -169,7 +169,8 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         """Inpaint `image` where `mask` is white, for `task`, guided by `prompt` (optional for
         object removal, outpainting and context-aware fill).
 
-        The arguments are those of `StableDiffusionBrushNetPipeline` plus `task` and
+        The arguments are those of `StableDiffusionBrushNetPipeline` (but for `prompt_embeds` and
+        `negative_prompt_embeds`: the task's template goes around the prompt's text) plus `task` and
         `fitting_degree`. The authors' own keywords work too and override what the task implies:
         `promptA`/`promptB`/`negative_promptA`/`negative_promptB` (the branch's task prompts, task
         words such as "P_obj" allowed), `promptU`/`negative_promptU` (the UNet's prompts, instead of
