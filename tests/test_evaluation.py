@@ -471,6 +471,12 @@ def test_hub_weights_load_from_the_cache_at_once_when_the_hub_cannot_be_reached(
 # -- the registry -----------------------------------------------------------------------------------
 
 
+def test_weights_for_no_selected_metric_are_told(caplog):
+    with caplog.at_level(logging.WARNING, logger="brushnet.evaluation"):
+        assert M.resolve_metrics("psnr", {"lpips": ("a.pth", "b.pth")}) == ["psnr"]
+    assert "--lpips-weights is given, but no metric of --metrics psnr uses it" in caplog.text
+
+
 def test_metric_selection():
     assert M.resolve_metrics("auto", {}) == ["psnr", "mse"]
     assert M.resolve_metrics("clip, psnr", {"clip": "x"}) == ["psnr", "clip"]

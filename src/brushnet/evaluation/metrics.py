@@ -32,6 +32,7 @@ average the other images.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -284,6 +285,10 @@ def resolve_metrics(selection: str | Sequence[str] = "auto", weights: Mapping | 
                  f"({spec.files})" for key, spec in RESOURCES.items() if key in missing]
         raise ValueError(f"Missing weight files: {'; '.join(parts)}; pass them or choose other metrics "
                          f"with --metrics (e.g. psnr,mse).")
+    needed = {key for name in names for key in METRICS[name].needs}
+    for key in sorted(given - needed):  # most likely a metric left out of --metrics by mistake
+        logging.getLogger(__name__).warning("%s is given, but no metric of --metrics %s uses it: it is ignored.",
+                                            RESOURCES[key].option.split()[0], ",".join(names))
     return names
 
 
