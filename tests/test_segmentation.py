@@ -281,3 +281,11 @@ def test_inpaint_with_a_point_instead_of_a_mask(tmp_path, models, segmenter, ima
     assert main(["inpaint", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), "--point", "1,1",
                  "--segmenter", "S", "-p", "x", "--out", str(tmp_path / "c.png")]) == 2
     assert "give either MASK or --point/--box/--text, not both" in capsys.readouterr().err
+
+
+def test_one_pixel_as_point_and_negative_point_is_refused():
+    from brushnet.segmentation.sam import Prompt
+
+    with pytest.raises(ValueError, match="The pixel 10,10 is given as a point on the object and as a negative point"):
+        Prompt(points=[(10, 10)], negative_points=[(10.0, 10.0)]).check((48, 32))
+    Prompt(points=[(10, 10)], negative_points=[(11, 10)]).check((48, 32))

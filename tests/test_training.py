@@ -600,3 +600,9 @@ def test_validation_that_would_never_run_is_told(golden, data, tmp_path, caplog)
                      validation_prompt=["a red square"]))
     assert "--validation_steps 100 is more than --max_train_steps 2: no validation image will be made" in caplog.text
     assert not (tmp_path / "v" / "validation").exists()
+
+
+def test_a_batch_larger_than_the_images_is_told(golden, data, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="brushnet.training"):
+        train(config(golden, data, tmp_path / "b", max_train_steps=1, train_batch_size=32))
+    assert "training image(s) for 32 samples a step: every step repeats them" in caplog.text

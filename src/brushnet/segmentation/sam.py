@@ -39,6 +39,10 @@ class Prompt:
                 name = f"{kind} {_fmt((x, y))} (on the {width}x{height} image)"
                 check_number(x, f"{name}: x", low=0, high=width - 1)
                 check_number(y, f"{name}: y", low=0, high=height - 1)
+        both = sorted(set(map(tuple, self.points)) & set(map(tuple, self.negative_points)))
+        if both:
+            raise ValueError(f"The pixel {_fmt(both[0])} is given as a point on the object and as a negative point: "
+                             "keep one of the two.")
         if self.box is not None:
             name = f"box {_fmt(self.box)} (on the {width}x{height} image)"
             x0, y0, x1, y1 = self.box

@@ -82,6 +82,11 @@ def train(config: TrainConfig) -> Path:
 
     # -- data: each process and worker reads its own share of the shards ----------------------------
     dataset = make_dataset(config, seed=seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    images = len(getattr(dataset, "items", ()))
+    per_step = config.train_batch_size * accelerator.num_processes
+    if 0 < images < per_step and accelerator.is_main_process:
+        logger.warning(f"{images} training image(s) for {per_step} samples a step: every step repeats them "
+                       "(a smaller --train_batch_size trains the same data with less work).")
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
                                          num_workers=config.dataloader_num_workers, collate_fn=_collate())
     # Made before a resume restores the RNG state: making it draws from torch's RNG, as it did in
