@@ -266,7 +266,7 @@ def _share_of_launch(jobs: list[dict]) -> tuple[list[dict], str | None]:
 
 def _read_job(job, args):
     """(image, mask) of a job, or a ValueError saying what is wrong with its files."""
-    from .masks import brightest_mask_value, load_mask, open_image
+    from .masks import faint_hole, load_mask, open_image
 
     if "canvas" in job:
         return job["canvas"]
@@ -285,8 +285,8 @@ def _read_job(job, args):
         raise UserError(f"{job['image']} is {image.width}x{image.height} but {job['mask']} is "
                         f"{mask.width}x{mask.height}: masks must have the size of their image")
     if mask.getbbox() is None:
-        brightest = brightest_mask_value(job["mask"])
-        if not args.invert_mask and 0 < brightest < args.mask_threshold:
+        brightest = None if args.invert_mask else faint_hole(job["mask"], args.mask_threshold)
+        if brightest is not None:
             lower = f" or pass --mask-threshold {int(brightest)}" if brightest >= 1 else ""
             raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: its "
                             f"brightest is {brightest:g} (a 0/1 array saved as an image?); save the hole as 255 "

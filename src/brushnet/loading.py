@@ -906,8 +906,10 @@ def _brushnet_kwargs(brushnet, hub_kwargs: dict) -> dict:
     """What of load_pipeline's keywords the BrushNet gets: the repo-independent hub ones, a `variant`
     its local folder has (a base's fp16 variant says nothing of a BrushNet saved without one), and
     the config fields a single weights file may need (norm_num_groups, addition_time_embed_dim)."""
-    kwargs = {key: hub_kwargs.pop(key) if key in _BRUSHNET_CONFIG_KWARGS else hub_kwargs[key]
-              for key in (*_SHARED_HUB_KWARGS, *_BRUSHNET_CONFIG_KWARGS) if key in hub_kwargs}
+    kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
+    for key in _BRUSHNET_CONFIG_KWARGS:  # the BrushNet's alone: taken out of what the base gets
+        if key in hub_kwargs:
+            kwargs[key] = hub_kwargs.pop(key)
     variant = hub_kwargs.get("variant")
     if variant and isinstance(brushnet, (str, os.PathLike)) and Path(brushnet).is_dir():
         folder = _brushnet_folder(Path(brushnet))

@@ -201,10 +201,12 @@ def load_mask(source, threshold: int = 128, invert: bool = False, dilate: int = 
     return PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L")
 
 
-def brightest_mask_value(path) -> float:
-    """The largest value `load_mask` thresholds in a mask file (0-255 scale): what to say when no pixel
-    reaches the threshold, e.g. a 0/1 array saved as an image, whose hole is value 1."""
-    return float(_mask_values(PIL.ImageOps.exif_transpose(_open_image(path, "mask"))).max())
+def faint_hole(path, threshold: int = 128) -> float | None:
+    """The largest value `load_mask` thresholds in a mask file (0-255 scale) when some pixel is above 0
+    but none reaches `threshold`, e.g. a 0/1 array saved as an image, whose hole is value 1: what to
+    name when such a mask reads as no hole. None otherwise."""
+    brightest = float(_mask_values(PIL.ImageOps.exif_transpose(_open_image(path, "mask"))).max())
+    return brightest if 0 < brightest < threshold else None
 
 
 def _grow(hole: np.ndarray, pixels: int) -> np.ndarray:

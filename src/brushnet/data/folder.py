@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..masks import brightest_mask_value, check_rle, load_mask
+from ..masks import check_rle, faint_hole, load_mask
 from ._stream import (
     BrokenSample,
     Record,
@@ -62,7 +62,7 @@ def list_folder(folder) -> list[FolderItem]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"The training folder {folder} does not exist or is not a folder.")
-    images = _image_files(folder)
+    images = image_files(folder)
     if not images:
         raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the folder {folder}.")
     stems = {}
@@ -74,7 +74,7 @@ def list_folder(folder) -> list[FolderItem]:
     mask_folder = folder / MASK_FOLDER
     preference = {ext: k for k, ext in enumerate(IMAGE_EXTENSIONS)}  # .png first, any case
     masks = {}
-    for mask in sorted(_image_files(mask_folder) if mask_folder.is_dir() else [],
+    for mask in sorted(image_files(mask_folder) if mask_folder.is_dir() else [],
                        key=lambda p: -preference[p.suffix.lower()]):
         masks[mask.stem] = mask  # the preferred extension comes last and stays
     items = []
@@ -93,7 +93,7 @@ def list_folder(folder) -> list[FolderItem]:
     return items
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """The image files of a folder, sorted by name, each suffix in any case; hidden files (a
     macOS ._name, an editor's .name) are not images of the set."""
     return sorted(p for p in folder.iterdir()
@@ -117,10 +117,10 @@ def read_item(item: FolderItem, *, with_masks: bool = True) -> Record:
     if with_masks and item.mask is not None:
         try:
             hole = np.asarray(load_mask(item.mask)) > 0
-            brightest = brightest_mask_value(item.mask) if not hole.any() else None
+            brightest = faint_hole(item.mask) if not hole.any() else None
         except (OSError, ValueError) as error:
             raise BrokenSample(f"unreadable mask ({error})") from None
-        if brightest is not None and 0 < brightest < 128:  # its hole would be read as no hole at all
+        if brightest is not None:  # its hole would be read as no hole at all
             raise BrokenSample(f"the mask {item.mask.name} has no pixel at 128 or above (its brightest is "
                                f"{brightest:g}: a 0/1 array saved as an image?); save the hole as 255")
         if hole.shape != (image.height, image.width):

@@ -18,6 +18,15 @@ from ..metadata import save_png
 from .metrics import METRICS, PAPER_ORDER, PLANNED
 
 GALLERY_DIR = "gallery"
+# Every report file a run writes into its output folder (the gallery's thumbnails aside).
+REPORT_FILES = ("per_image.csv", "summary.csv", "summary.json", "summary.md", "gallery.html")
+
+
+def remove_reports(out_dir: Path) -> None:
+    """Delete a previous run's reports before new ones are written: an interrupt in between leaves
+    some missing, never one run's gallery beside another's summary."""
+    for name in REPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

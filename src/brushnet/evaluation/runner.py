@@ -39,6 +39,7 @@ from .benchmark import DEFAULT_GRID, BenchmarkItem, load_benchmark
 from .metrics import Sample, build_scorers, resolve_metrics
 from .report import (
     masked_original,
+    remove_reports,
     summarise,
     write_gallery,
     write_per_image_csv,
@@ -271,10 +272,7 @@ def run_benchmark(
                            len(records) - metric["count"], len(records),
                            "no kept pixel to compare" if name in ("psnr", "mse", "lpips")
                            else "the metric returned NaN; check its weights", metric["count"])
-    # The previous run's reports go first: an interrupt while these are written leaves some missing,
-    # never one run's gallery beside another's summary.
-    for report in ("per_image.csv", "summary.csv", "summary.json", "summary.md", "gallery.html"):
-        (out_dir / report).unlink(missing_ok=True)
+    remove_reports(out_dir)
     write_per_image_csv(out_dir / "per_image.csv", records, names)
     write_summaries(out_dir, summary)
     if gallery:

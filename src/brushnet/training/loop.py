@@ -432,21 +432,20 @@ def make_optimizer(groups: list[dict], config: TrainConfig, learning_rate: float
 
 def make_dataset(config: TrainConfig, seed: int, rank: int, world_size: int):
     from ..data import BrushDataShards, ImageFolderDataset
-    from ..data.folder import IMAGE_EXTENSIONS
+    from ..data.folder import image_files
 
     source = Path(config.train_data_dir)
     options = dict(resolution=config.resolution, random_mask=config.random_mask, mask_mix=config.mask_mix,
                    drawn_weights=config.drawn_weights, proportion_empty_prompts=config.proportion_empty_prompts,
                    seed=seed, repeat=True, rank=rank, world_size=world_size)
-    if source.is_dir():
-        shards = sorted(source.glob("*.tar"))
-        images = [p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
-        if shards and images:
-            # Read as shards, the images would be ignored (and a stray .tar read as data).
-            raise ValueError(f"--train_data_dir {source} holds both .tar shards ({shards[0].name}, ...) and images "
-                             f"({images[0].name}, ...): keep one kind in it (brushnet data pack writes shards into a "
-                             "folder of their own).")
-    if source.suffix == ".tar" or "*" in str(source) or "{" in str(source) or any(source.glob("*.tar")):
+    shards = sorted(source.glob("*.tar")) if source.is_dir() else []
+    images = image_files(source) if shards else []
+    if images:
+        # Read as shards, the images would be ignored (and a stray .tar read as data).
+        raise ValueError(f"--train_data_dir {source} holds both .tar shards ({shards[0].name}, ...) and images "
+                         f"({images[0].name}, ...): keep one kind in it (brushnet data pack writes shards into a "
+                         "folder of their own).")
+    if source.suffix == ".tar" or "*" in str(source) or "{" in str(source) or shards:
         return BrushDataShards(str(source), shuffle_buffer=config.shuffle_buffer, **options)
     return ImageFolderDataset(str(source), **options)
 
