@@ -94,6 +94,18 @@ def image_seeds(settings: InpaintSettings) -> list[int]:
     return [settings.seed + k for k in range(settings.num_images)]
 
 
+# Pipeline keywords `inpaint` sets itself, and the InpaintSettings field behind each (None: the
+# image and mask `inpaint` is given). In `extra` they would reach the pipeline twice.
+SET_BY_SETTINGS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
+    "guidance_scale": "guidance", "guidance_rescale": "guidance_rescale",
+    "brushnet_conditioning_scale": "scale", "control_guidance_start": "start", "control_guidance_end": "end",
+    "num_images_per_prompt": "num_images", "generator": "seed", "strength": "strength",
+    "brushnet_every": "brushnet_every", "image": None, "mask": None, "mask_image": None, "height": None,
+    "width": None, "output_type": None, "blend": "blend", "blend_kernel": "blend_kernel",
+}
+
+
 def check_settings(settings: InpaintSettings, names: dict[str, str] | None = None) -> None:
     """Every number of `settings` in range (ValueError naming it, by `names[field]` if given)."""
     name = lambda field: (names or {}).get(field, field)  # noqa: E731
@@ -121,6 +133,13 @@ def check_settings(settings: InpaintSettings, names: dict[str, str] | None = Non
     check_choice(settings.vae_tiling, VAE_TILING_MODES, name("vae_tiling"))
     check_text(settings.prompt, name("prompt"))
     check_text(settings.negative_prompt, name("negative_prompt"))
+    for keyword in settings.extra:
+        if keyword in SET_BY_SETTINGS:
+            field_name = SET_BY_SETTINGS[keyword]
+            raise ValueError(f"extra[{keyword!r}] is the pipeline keyword that {name(field_name)} sets: "
+                             f"set {name(field_name)} instead." if field_name else
+                             f"extra[{keyword!r}] is set by inpaint itself (from the image and mask it is "
+                             "given): leave it out of extra.")
 
 
 def inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: InpaintSettings,
@@ -160,11 +179,8 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
     chunks = [seeds[k:k + IMAGES_PER_CALL] for k in range(0, len(seeds), IMAGES_PER_CALL)]
     with _one_truncation_notice(pipe, [settings.prompt, settings.negative_prompt]):
         for index, chunk in enumerate(chunks):
-            step_end = None
-            if callback is not None:
-                def step_end(pipe_, i, t, kwargs, done=index * settings.steps):
-                    callback(done + i + 1, settings.steps * len(chunks))
-                    return {}
+            step_end = _step_end(settings.extra.get("callback_on_step_end"), callback,
+                                 index * settings.steps, settings.steps * len(chunks))
 
             with vae_tiling(pipe, size[1], size[0], len(chunk), settings.vae_tiling):
                 results = pipe(
@@ -174,7 +190,7 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
                     control_guidance_start=settings.start, control_guidance_end=settings.end,
                     num_images_per_prompt=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
                     callback_on_step_end=step_end, output_type="pil", **_optional_keywords(settings),
-                    **settings.extra,
+                    **_extra_keywords(settings.extra),
                 ).images
             for result in results:
                 result = result.resize(region.size, PIL.Image.LANCZOS)
@@ -224,6 +240,30 @@ def _set_vae_memory(vae, tiling: bool, slicing: bool) -> None:
         vae.enable_slicing()
     else:
         vae.disable_slicing()
+
+
+def _step_end(user_callback, progress, done: int, total: int):
+    """The pipeline's `callback_on_step_end`: the caller's own (from `settings.extra`) and the
+    progress report, either or both. A diffusers `PipelineCallback` is passed as it is when alone,
+    so the pipeline still reads the tensors it names (`_extra_keywords` passes them on when wrapped)."""
+    if progress is None:
+        return user_callback
+
+    def step_end(pipe, i, t, kwargs):
+        outputs = user_callback(pipe, i, t, kwargs) if user_callback is not None else {}
+        progress(done + i + 1, total)
+        return outputs
+    return step_end
+
+
+def _extra_keywords(extra: dict) -> dict:
+    """`settings.extra` as pipeline keywords, its step-end callback left to `_step_end`; a diffusers
+    `PipelineCallback` wrapped there still hands the pipeline the tensors it names."""
+    keywords = {k: v for k, v in extra.items() if k != "callback_on_step_end"}
+    named = getattr(extra.get("callback_on_step_end"), "tensor_inputs", None)
+    if named is not None:
+        keywords.setdefault("callback_on_step_end_tensor_inputs", list(named))
+    return keywords
 
 
 def _optional_keywords(settings: InpaintSettings) -> dict:
