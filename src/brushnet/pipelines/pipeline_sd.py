@@ -15,6 +15,7 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..models import BrushNetModel
@@ -40,8 +41,8 @@ class StableDiffusionBrushNetPipeline(
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    # Prompt, IP-Adapter and scheduler helpers are stock diffusers', used as they are.
-    encode_prompt = StableDiffusionPipeline.encode_prompt
+    # Prompt, IP-Adapter and scheduler helpers are stock diffusers', used as they are (encode_prompt
+    # through a shim for clip_skip, below).
     encode_image = StableDiffusionPipeline.encode_image
     prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
     run_safety_checker = StableDiffusionPipeline.run_safety_checker
@@ -54,6 +55,47 @@ class StableDiffusionBrushNetPipeline(
     cross_attention_kwargs = StableDiffusionPipeline.cross_attention_kwargs
     num_timesteps = StableDiffusionPipeline.num_timesteps
     interrupt = StableDiffusionPipeline.interrupt
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      lora_scale: float | None = None, clip_skip: int | None = None):
+        """diffusers' `StableDiffusionPipeline.encode_prompt`. With `clip_skip` it reaches for
+        `text_encoder.text_model.final_layer_norm`, which transformers 5's `CLIPTextModel` no
+        longer has (its layers sit on the model itself): an AttributeError. There the prompt's
+        skipped-layer embeddings are made here, as diffusers makes them, and handed to it."""
+        if clip_skip is not None and self.text_encoder is not None:
+            layers = self.text_encoder.config.num_hidden_layers
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+                raise ValueError(f"clip_skip {clip_skip!r}: the text encoder has {layers} layers, so clip_skip "
+                                 f"is a whole number from 0 to {layers - 1} (1: the layer before the last).")
+        if clip_skip is not None and prompt_embeds is None and self.text_encoder is not None \
+                and not hasattr(self.text_encoder, "text_model"):
+            prompt_embeds = self._skipped_layer_embeds(prompt, device, lora_scale, clip_skip)
+            clip_skip = None
+        return StableDiffusionPipeline.encode_prompt(
+            self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+            clip_skip=clip_skip)
+
+    def _skipped_layer_embeds(self, prompt, device, lora_scale, clip_skip: int) -> torch.Tensor:
+        """The text encoder's hidden states `clip_skip` layers before its last, through its final
+        layer norm (diffusers' rule; the negative prompt keeps the last layer, as in diffusers)."""
+        if isinstance(self, TextualInversionLoaderMixin):
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        attention_mask = tokens.attention_mask.to(device) if use_mask else None
+        lora = lora_scale is not None and USE_PEFT_BACKEND and isinstance(self, StableDiffusionLoraLoaderMixin)
+        if lora:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask,
+                                       output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            return self.text_encoder.final_layer_norm(hidden)
+        finally:
+            if lora:
+                unscale_lora_layers(self.text_encoder, lora_scale)
 
     def __init__(
         self,
