@@ -685,3 +685,7 @@ def test_embeddings_ip_adapter_inputs_and_sdxl_sizes_misused(pipe, photo, golden
     with pytest.raises(ValueError, match="`negative_prompt_embeds` needs `negative_pooled_prompt_embeds`"):
         sdxl(prompt_embeds=prompt, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative, image=image,
              mask=mask, num_inference_steps=2)
+    for bad, shape in ((pooled[:, :-1], r"\(1, 31\)"), (pooled[0], r"\(32,\)"), (torch.cat([pooled] * 2), r"\(2, 32\)")):
+        with pytest.raises(ValueError, match=r"`pooled_prompt_embeds` must be a \(1, 32\) tensor.*got " + shape):
+            sdxl(prompt_embeds=prompt, pooled_prompt_embeds=bad, negative_prompt_embeds=negative,
+                 negative_pooled_prompt_embeds=pooled, image=image, mask=mask, num_inference_steps=2)

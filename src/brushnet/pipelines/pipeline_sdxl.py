@@ -181,6 +181,9 @@ class StableDiffusionXLBrushNetPipeline(
                 raise ValueError(f"`{name}` must be (height, width), e.g. (1024, 1024); got {size!r}.")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
+        _check_pooled_embeds(self.unet.config, (("pooled_prompt_embeds", pooled_prompt_embeds, prompt_embeds),
+                                                ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds,
+                                                 negative_prompt_embeds)))
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         for name, texts in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
             if isinstance(texts, (list, tuple)) and len(texts) != batch_size:
@@ -332,3 +335,22 @@ class StableDiffusionXLBrushNetPipeline(
         if not return_dict:
             return (images,)
         return StableDiffusionXLPipelineOutput(images=images)
+
+
+def _check_pooled_embeds(unet_config, cases) -> None:
+    """Each given pooled embedding is (batch, width), one row per row of its prompt embeddings, the
+    width the UNet's added-condition projection takes after its six size and crop ids: otherwise
+    a shape error deep in the UNet's add_embedding."""
+    total = getattr(unet_config, "projection_class_embeddings_input_dim", None)
+    per_id = getattr(unet_config, "addition_time_embed_dim", None)
+    width = total - 6 * per_id if total and per_id else None
+    for name, pooled, embeds in cases:
+        if pooled is None:
+            continue
+        rows = embeds.shape[0] if torch.is_tensor(embeds) else None
+        shape = tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__
+        if not torch.is_tensor(pooled) or pooled.ndim != 2 or (width and pooled.shape[1] != width) \
+                or (rows is not None and pooled.shape[0] != rows):
+            wanted = f"({rows if rows is not None else 'batch'}, {width or 'width'})"
+            raise ValueError(f"`{name}` must be a {wanted} tensor from encode_prompt (one row per row of the "
+                             f"prompt embeddings); got {shape}.")
