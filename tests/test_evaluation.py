@@ -740,6 +740,19 @@ def test_a_metric_without_values_is_told(bench, tmp_path, caplog):
     assert "psnr: 3 of 3 image(s) gave no value (NaN: no kept pixel to compare)" in caplog.text
 
 
+def test_items_with_an_empty_mask_are_told(bench, tmp_path, caplog):
+    # An empty RLE (or runs of length 0) leaves nothing to fill: those items score the image as given.
+    mapping = json.loads((bench / "mapping_file.json").read_text())
+    mapping["1"]["inpainting_mask"] = []
+    mapping["2"]["inpainting_mask"] = [5, 0]
+    (bench / "mapping_file.json").write_text(json.dumps(mapping))
+    with caplog.at_level(logging.WARNING, logger="brushnet.evaluation"):
+        run_benchmark(bench, tmp_path / "o", images_dir=bench, grid=GRID, metrics="psnr", progress=False,
+                      gallery=False)
+    assert "2 item(s) have an empty inpainting_mask (no pixel to fill), so they score the image as given: 1, 2." \
+        in caplog.text
+
+
 def test_a_rerun_leaves_no_report_of_the_previous_run(bench, tmp_path, monkeypatch):
     # Interrupted while its reports were written, a rerun left the first run's gallery.html beside
     # its own summary.

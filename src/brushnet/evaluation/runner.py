@@ -170,6 +170,13 @@ def run_benchmark(
     """
     names = resolve_metrics(metrics, weights)
     bench = load_benchmark(bench_dir, mask_key, grid)
+    empty = [item.id for item in bench.items if not any(item.rle[1::2])]
+    if empty:
+        # Nothing to inpaint: the model's output is the image, and every score of those items is
+        # the image's own, which lifts the means.
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        logger.warning("%d item(s) have an empty %s (no pixel to fill), so they score the image as given: %s.",
+                       len(empty), mask_key, shown)
     settings = settings if settings is not None else paper_settings()
     if settings.num_images != 1:
         raise ValueError(f"A benchmark run makes one image per item; got num_images={settings.num_images}.")
