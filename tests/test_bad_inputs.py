@@ -538,6 +538,22 @@ def test_high_depth_grey_images_are_scaled_not_clipped_to_white(tmp_path, mode):
         assert np.abs(np.asarray(image, dtype=np.float32)[..., 0] - grey).max() <= 1
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_depth_masks_read_as_pictures_do(tmp_path, mode):
+    # One rule for both: a float TIFF mask in [0, 1] read as no hole at all (its 1.0 under the
+    # threshold of 128), where the same file as a picture was scaled to 255.
+    from brushnet.masks import load_mask
+
+    hole = np.zeros((8, 16), bool)
+    hole[2:6, 4:12] = True
+    values = {"I;16": (hole * 65535).astype(np.uint16), "I": (hole * 65535).astype(np.int32),
+              "F": hole.astype(np.float32)}[mode]
+    path = tmp_path / ("m.png" if mode == "I;16" else "m.tif")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == mode
+    assert np.array_equal(np.asarray(load_mask(path)) == 255, hole)
+
+
 def test_arrays_and_tensors_as_people_pass_them_give_the_pil_result(pipe, photo):
     # np.asarray(pil) is (H, W, C) uint8 and torchvision's read_image (C, H, W) uint8: diffusers'
     # size reading took the array's width for its height (a 32x2 result) and failed on the

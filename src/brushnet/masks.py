@@ -226,9 +226,10 @@ def _mask_values(image: PIL.Image.Image) -> np.ndarray:
             return alpha.astype(np.float32)
     if image.mode == "1":
         return np.asarray(image.convert("L"), dtype=np.float32)
-    if image.mode in ("L", "F") or image.mode.startswith("I"):
-        values = np.asarray(image, dtype=np.float32)
-        return values / 257.0 if image.mode.startswith("I") and values.max() > 255 else values
+    if image.mode == "F" or image.mode.startswith("I"):
+        return high_depth_values(image)
+    if image.mode == "L":
+        return np.asarray(image, dtype=np.float32)
     return np.asarray(image.convert("RGB"), dtype=np.float32).mean(axis=-1)
 
 
@@ -273,14 +274,22 @@ def as_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     (I;16, I, F), which that conversion clips to white instead of scaling: those are brought to 8 bits
     first (16-bit values by 257; float values in [0, 1] by 255)."""
     if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float32)
-        peak = float(values.max()) if values.size else 0.0
-        if image.mode.startswith("I;16") or peak > 255:
-            values = values / 257.0
-        elif image.mode == "F" and peak <= 1.0:
-            values = values * 255.0
+        values = high_depth_values(image)
         image = PIL.Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")
+
+
+def high_depth_values(image: PIL.Image.Image) -> np.ndarray:
+    """The values of a high-depth grey image (I;16, I, F) on the 8-bit scale, as float32: 16-bit
+    ones (I;16, or any above 255) divided by 257, floats in [0, 1] times 255, others as they are.
+    The one rule for pictures (`as_rgb`) and masks (`_mask_values`)."""
+    values = np.asarray(image, dtype=np.float32)
+    peak = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or peak > 255:
+        return values / 257.0
+    if image.mode == "F" and peak <= 1.0:
+        return values * 255.0
+    return values
 
 
 def transparent_hole(path) -> PIL.Image.Image | None:
