@@ -9,6 +9,8 @@ tests/test_pipelines.py); only the work differs.
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3 --dtype bf16
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 256 --steps 4 --repeats 3 --compile
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pipeline.py --size 512 --steps 2 --brushnet-every 2
+    .venv/bin/python bench/bench_pipeline.py --size 512 --steps 50 --count-flops   # arithmetic only, no timing
 """
 
 import argparse
@@ -79,19 +81,25 @@ def main():
     parser.add_argument("--num-images", type=int, default=1, help="images per call (the batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--brushnet-every", type=int, default=1, metavar="K",
+                        help="also time this package with the branch run on every K-th step only (an approximation)")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="print the arithmetic of one call, ours and the reference's, and exit without timing")
     parser.add_argument("--compile", action="store_true",
                         help="also time the fast path (enable_fast_path: torch.compile, CUDA graphs on a GPU)")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     pipe = sd15_pipeline(args.device, dtype)
+    if args.count_flops:
+        return count_flops(pipe, args.size, args.steps)
     image, mask = timed_inputs(args.size)
     embeds = torch.randn(1, 77, 768, device=args.device, dtype=dtype)
 
-    def call():
+    def call(**kwargs):
         pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), image=image, mask=mask,
              num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
-             generator=torch.Generator().manual_seed(0), output_type="np")
+             generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
         if args.device == "cuda":
             torch.cuda.synchronize()
 
@@ -108,6 +116,14 @@ def main():
             call()
             times.append(time.perf_counter() - start)
         results[name] = statistics.median(times)
+    if args.brushnet_every > 1:
+        pipe.__dict__.pop("predict_noise", None), pipe.__dict__.pop("_vae_encode", None)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            call(brushnet_every=args.brushnet_every)
+            times.append(time.perf_counter() - start)
+        results[f"ours, branch every {args.brushnet_every}"] = statistics.median(times)
     if args.compile:
         pipe.__dict__.pop("predict_noise", None), pipe.__dict__.pop("_vae_encode", None)
         pipe.enable_fast_path()
@@ -123,11 +139,43 @@ def main():
     print(f"device={args.device} dtype={args.dtype} size={args.size} images={args.num_images} steps={args.steps} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     for name, seconds in results.items():
-        print(f"{name:10s} {seconds:8.2f} s/call  {seconds / args.steps:7.2f} s/step")
-    print(f"speed-up   {results['reference'] / results['ours']:.2f}x")
+        print(f"{name:10s} {seconds:8.2f} s/call  {seconds / args.steps:7.2f} s/step  "
+              f"{results['reference'] / seconds:.2f}x the reference")
     if args.compile:
         print(f"fast path: first call (compiling) {warm_up:.1f} s; {results['ours'] / results['fast path']:.2f}x eager")
     print(f"peak memory: {peak_memory(args.device)}")
+
+
+@torch.no_grad()
+def count_flops(pipe, size: int, steps: int) -> None:
+    """The arithmetic of one call at `size`, counted by torch's FlopCounterMode (attention through
+    its math kernel, which the counter sees; the CPU's flash kernel it does not): what no kernel
+    speed can change, so the most an exact path can gain over the reference's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflop(run) -> float:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            run()
+        return counter.get_total_flops() / 1e9
+
+    side = size // pipe.vae_scale_factor
+    dtype, t = pipe.unet.dtype, torch.tensor(500)
+    latents = torch.randn(2, 4, side, side, dtype=dtype)
+    embeds = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, dtype=dtype)
+    conditioning = torch.randn(1, 5, side, side, dtype=dtype)
+    unet = gflop(lambda: pipe.unet(latents, t, encoder_hidden_states=embeds))
+    branch = gflop(lambda: pipe.brushnet(latents[:1], t, encoder_hidden_states=embeds[:1],
+                                         brushnet_cond=conditioning, return_dict=False))
+    pixels = torch.randn(1, 3, size, size, dtype=dtype)
+    encode = gflop(lambda: pipe.vae.encode(pixels))
+    decode = gflop(lambda: pipe.vae.decode(torch.randn(1, 4, side, side, dtype=dtype)))
+    ours_step, reference_step_ = unet + branch, unet + 2 * branch
+    ours, reference = steps * ours_step + encode + decode, steps * reference_step_ + 2 * encode + decode
+    print(f"size={size} steps={steps}, GFLOP: UNet on the CFG batch {unet:.0f}, branch once {branch:.0f}, "
+          f"VAE encode {encode:.0f}, decode {decode:.0f}")
+    print(f"a step: ours {ours_step:.0f}, reference {reference_step_:.0f} ({reference_step_ / ours_step:.3f}x)")
+    print(f"a call: ours {ours:.0f}, reference {reference:.0f} ({reference / ours:.3f}x)")
 
 
 def peak_memory(device: str) -> str:

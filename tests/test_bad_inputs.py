@@ -573,6 +573,54 @@ def test_arrays_and_tensors_as_people_pass_them_give_the_pil_result(pipe, photo)
         assert np.abs(result - expected).max() < 1e-5
 
 
+def test_rgba_masks_are_read_by_one_rule_everywhere(pipe, photo):
+    # An opaque RGBA mask (a black-and-white mask saved with alpha) is read by its colours: the
+    # pipelines took its alpha, all 255, for an all-hole mask. A painted layer (transparent but
+    # where painted) is read by its alpha: inpaint() took its colours, all black, for no hole.
+    from brushnet.inpaint import InpaintSettings, inpaint
+    from brushnet.masks import preprocess_mask
+
+    image, mask = Image.open(photo[0]).convert("RGB"), Image.open(photo[1])
+    hole = np.asarray(mask) > 0
+    for opaque in (mask.convert("RGBA"), mask.convert("LA")):
+        read = preprocess_mask(opaque, pipe.image_processor, 32, 32)[0, 0].numpy() > 0
+        assert np.array_equal(read, hole)
+    layer = np.zeros((32, 32, 4), np.uint8)
+    layer[..., 3] = hole * 255
+    layer = Image.fromarray(layer, "RGBA")
+    assert np.array_equal(preprocess_mask(layer, pipe.image_processor, 32, 32)[0, 0].numpy() > 0, hole)
+    settings = InpaintSettings(prompt="x", steps=2, seed=0)
+    np.testing.assert_array_equal(np.asarray(inpaint(pipe, image, layer, settings)[0]),
+                                  np.asarray(inpaint(pipe, image, mask, settings)[0]))
+
+
+def test_a_batch_of_grey_masks_is_read_as_diffusers_reads_it(pipe, photo):
+    # diffusers reads a 3-D mask tensor as (B, H, W): here it was (C, H, W), and two masks for two
+    # images were merged into their union for both.
+    from brushnet.masks import preprocess_mask
+
+    image = Image.open(photo[0]).convert("RGB")
+    left, top = torch.zeros(32, 32), torch.zeros(32, 32)
+    left[:, :16], top[:16] = 1, 1
+    for masks in (torch.stack([left, top]), torch.stack([left, top]).numpy()):
+        from brushnet.masks import mask_batch_layout
+
+        read = preprocess_mask(mask_batch_layout(masks), pipe.image_processor, 32, 32)
+        assert read.shape == (2, 1, 32, 32)
+        assert torch.equal(read[0, 0], left) and torch.equal(read[1, 0], top)
+        images = pipe(["x", "y"], [image, image], masks, num_inference_steps=2, output_type="np").images
+        assert images.shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match="Got 2 masks for 1 prompts"):
+        pipe("x", image, torch.stack([left, top]), num_inference_steps=2)
+
+
+@pytest.mark.parametrize("bad", [np.full((32, 32), np.nan, np.float32), torch.full((32, 32), float("-inf"))])
+def test_a_mask_with_nan_or_inf_is_refused(pipe, photo, bad):
+    # Read as all hole (NaN) or no hole (-inf) with only a log line.
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        pipe("x", Image.open(photo[0]).convert("RGB"), bad, num_inference_steps=2)
+
+
 def test_an_unknown_output_type_is_refused(pipe, photo):
     image, mask = Image.open(photo[0]), Image.open(photo[1])
     with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent'; got 'jpeg'"):

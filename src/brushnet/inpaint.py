@@ -32,7 +32,7 @@ from .arguments import (
     check_steps,
     check_text,
 )
-from .masks import to_pil
+from .masks import load_mask, to_pil
 from .pipelines.blending import blend
 from .regions import crop_window, hole_box, working_size
 
@@ -155,7 +155,8 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
     can save them as they come; memory stays that of one chunk however many images are asked."""
     check_settings(settings)
     image = to_pil(image, "image").convert("RGB")
-    mask = to_pil(mask, "mask").convert("L")
+    # Read as the CLI reads a mask file: a painted layer by its alpha, a grey one at half brightness.
+    mask = load_mask(to_pil(mask, "mask"))
     blend_kernel = settings.blend_kernel or default_blend_kernel(pipe)
     if image.size != mask.size:
         raise ValueError(

@@ -21,11 +21,29 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _has_transparency(image: PIL.Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
 def _pil_mask_rgb(mask: PIL.Image.Image) -> PIL.Image.Image:
-    # An RGBA mask is a painted layer: its alpha is where the user painted.
-    if mask.mode in ("RGBA", "LA"):
-        mask = mask.getchannel("A")
-    return mask.convert("RGB")
+    # `load_mask`'s rule: a mask with transparent pixels is a painted layer, its alpha where the
+    # user painted; an opaque one (a black-and-white mask saved as RGBA) is read by its colours.
+    if _has_transparency(mask):
+        alpha = mask.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha.convert("RGB")
+    return as_rgb(mask)
+
+
+def mask_batch_layout(mask):
+    """A mask in diffusers' layouts for a batch of grey masks, made explicit: a 3-D tensor is
+    (B, H, W), as diffusers' mask processor reads it, and so is a 3-D array whose last axis is not
+    1, 3 or 4 channels; each becomes (B, 1, H, W) / (B, H, W, 1). Anything else is returned as it is."""
+    if isinstance(mask, torch.Tensor) and mask.ndim == 3:
+        return mask.unsqueeze(1)
+    if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[-1] not in (1, 3, 4):
+        return mask[..., None]
+    return mask
 
 
 def _array_mask(mask) -> torch.Tensor:
@@ -41,6 +59,8 @@ def _array_mask(mask) -> torch.Tensor:
             tensor = tensor.permute(0, 3, 1, 2)
         else:
             raise ValueError(f"A numpy mask must be (H, W), (H, W, C) or (B, H, W, C); got shape {array.shape}.")
+        if not torch.isfinite(tensor).all():
+            raise ValueError("The mask array holds NaN or infinite values.")
         return tensor
     if isinstance(mask, torch.Tensor):
         tensor = mask.detach().float()
@@ -48,10 +68,12 @@ def _array_mask(mask) -> torch.Tensor:
             tensor = tensor / 255.0
         if tensor.ndim == 2:  # (H, W)
             tensor = tensor[None, None]
-        elif tensor.ndim == 3:  # (C, H, W)
-            tensor = tensor[None]
+        elif tensor.ndim == 3:  # (B, H, W), diffusers' reading (see mask_batch_layout)
+            tensor = tensor[:, None]
         elif tensor.ndim != 4:
-            raise ValueError(f"A torch mask must be (H, W), (C, H, W) or (B, C, H, W); got shape {tuple(mask.shape)}.")
+            raise ValueError(f"A torch mask must be (H, W), (B, H, W) or (B, C, H, W); got shape {tuple(mask.shape)}.")
+        if not torch.isfinite(tensor).all():
+            raise ValueError("The mask tensor holds NaN or infinite values.")
         return tensor.cpu()
     raise TypeError(f"A mask must be a PIL image, a numpy array or a torch tensor, not {type(mask).__name__}.")
 

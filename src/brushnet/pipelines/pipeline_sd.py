@@ -18,6 +18,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from ..masks import mask_batch_layout
 from ..models import BrushNetModel
 from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
 
@@ -298,7 +299,7 @@ class StableDiffusionBrushNetPipeline(
 def _resolve_mask(mask, mask_image):
     if mask is not None and mask_image is not None:
         raise TypeError("Pass the mask once: `mask` and `mask_image` are the same argument.")
-    return mask if mask is not None else mask_image
+    return mask_batch_layout(mask if mask is not None else mask_image)
 
 
 def _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width=None) -> None:
