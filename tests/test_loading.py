@@ -555,3 +555,16 @@ def test_a_pipeline_class_of_the_other_family_is_refused_at_load(golden):
         StableDiffusionBrushNetPipeline.from_pretrained(golden("sdxl_tiny_pipeline").dir)
     with pytest.raises(ValueError, match="holds an SD1.5 BrushNet model: load it with StableDiffusionBrushNetPipeline"):
         StableDiffusionXLBrushNetPipeline.from_pretrained(golden("sd15_tiny_pipeline").dir)
+
+
+def test_brushnet_from_pretrained_refuses_another_models_folder(golden):
+    # diffusers built a BrushNet of the UNet's shape with every branch weight random (a warning
+    # only), which its cross-attention blocks then passed off as a PowerPaint branch.
+    from brushnet import BrushNetModel
+
+    directory = golden("sd15_tiny_pipeline").dir
+    assert isinstance(BrushNetModel.from_pretrained(directory, subfolder="brushnet"), BrushNetModel)
+    for kwargs in ({"pretrained_model_name_or_path": directory / "unet"},
+                   {"pretrained_model_name_or_path": directory, "subfolder": "unet"}):
+        with pytest.raises(ValueError, match=r"unet holds a UNet2DConditionModel, not a BrushNetModel"):
+            BrushNetModel.from_pretrained(**kwargs)

@@ -232,6 +232,20 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             self.brushnet_up_blocks.extend(_zero_conv(output_channel) for _ in range(n_outputs))
 
     @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """ConfigMixin's, refusing another model's config: from a UNet folder, diffusers would build
+        a BrushNet of its shape with every branch weight random (a warning only), and its
+        cross-attention blocks would pass it for a PowerPaint branch."""
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        class_name = config.get("_class_name")
+        if class_name not in (None, cls.__name__):
+            where = "/".join(str(p) for p in (pretrained_model_name_or_path, kwargs.get("subfolder")) if p)
+            raise ValueError(f"{where} holds a {class_name}, not a {cls.__name__}: pass a "
+                             "BrushNet folder (its config.json says \"_class_name\": \"BrushNetModel\").")
+        return loaded
+
+    @classmethod
     def from_unet(
         cls,
         unet,
