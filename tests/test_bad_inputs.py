@@ -621,6 +621,22 @@ def test_a_mask_with_nan_or_inf_is_refused(pipe, photo, bad):
         pipe("x", Image.open(photo[0]).convert("RGB"), bad, num_inference_steps=2)
 
 
+def test_whole_number_floats_work_as_ints(pipe, photo):
+    # 2.0 (a number read from JSON or YAML) passed every check, then failed deep in numpy or torch.
+    from brushnet.inpaint import InpaintSettings, inpaint
+
+    image, mask = Image.open(photo[0]).convert("RGB"), Image.open(photo[1])
+    run = dict(image=image, mask=mask, output_type="np", generator=torch.Generator().manual_seed(0))
+    expected = pipe("x", num_inference_steps=2, num_images_per_prompt=2, blend=True, blend_kernel=5, **run).images
+    floats = pipe("x", num_inference_steps=2.0, num_images_per_prompt=2.0, blend=True, blend_kernel=5.0,
+                  **dict(run, generator=torch.Generator().manual_seed(0))).images
+    np.testing.assert_array_equal(floats, expected)
+    as_ints = InpaintSettings(prompt="x", steps=2, seed=1, num_images=2, blend_kernel=5, brushnet_every=2)
+    as_floats = InpaintSettings(prompt="x", steps=2.0, seed=1.0, num_images=2.0, blend_kernel=5.0, brushnet_every=2.0)
+    for a, b in zip(inpaint(pipe, image, mask, as_ints), inpaint(pipe, image, mask, as_floats)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_an_unknown_output_type_is_refused(pipe, photo):
     image, mask = Image.open(photo[0]), Image.open(photo[1])
     with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent'; got 'jpeg'"):

@@ -13,7 +13,7 @@ the sizes `inpaint` works at it runs as diffusers runs it by default.
 import contextlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import PIL.Image
 import torch
@@ -154,6 +154,11 @@ def iter_inpaint(pipe, image: PIL.Image.Image, mask: PIL.Image.Image, settings: 
     """`inpaint`, yielding each image as soon as its chunk of IMAGES_PER_CALL is done, so a caller
     can save them as they come; memory stays that of one chunk however many images are asked."""
     check_settings(settings)
+    # Whole-number floats (steps 2.0, from a JSON or YAML file) pass the checks; torch and numpy
+    # want ints.
+    settings = replace(settings, **{
+        name: int(getattr(settings, name)) for name in ("steps", "seed", "num_images", "brushnet_every", "blend_kernel")
+        if getattr(settings, name) is not None})
     image = to_pil(image, "image").convert("RGB")
     # Read as the CLI reads a mask file: a painted layer by its alpha, a grey one at half brightness.
     mask = load_mask(to_pil(mask, "mask"))

@@ -221,7 +221,7 @@ class BrushNetPipelineMixin:
         scale = check_conditioning_scale(_single(brushnet_conditioning_scale, "brushnet_conditioning_scale"))
         start, end = check_control_window(_single(control_guidance_start, "control_guidance_start"),
                                           _single(control_guidance_end, "control_guidance_end"))
-        check_blend_kernel(blend_kernel)
+        blend_kernel = check_blend_kernel(blend_kernel)
         check_brushnet_matches_unet(self.brushnet, self.unet)
         branch, unet = _unwrap(self.brushnet), _unwrap(self.unet)
         if branch.dtype != unet.dtype and not torch.is_autocast_enabled(unet.device.type):
@@ -229,24 +229,27 @@ class BrushNetPipelineMixin:
             raise ValueError(f"The BrushNet is in {str(branch.dtype).removeprefix('torch.')} but the UNet in "
                              f"{str(unet.dtype).removeprefix('torch.')}: put both in one precision "
                              "(pipe.to(dtype), or load the BrushNet with the pipeline's torch_dtype).")
-        return scale, start, end
+        return scale, start, end, blend_kernel
 
     def check_sampling_inputs(self, num_inference_steps, timesteps, guidance_scale, num_images_per_prompt,
-                              eta=0.0, guidance_rescale=0.0, output_type="pil") -> None:
+                              eta=0.0, guidance_rescale=0.0, output_type="pil") -> tuple[int | None, int]:
         """The sampler's numbers, before any work: steps, guidance, images per prompt, eta, and the
-        output type (diffusers warns on an unknown one and returns numpy arrays; here it is an error)."""
+        output type (diffusers warns on an unknown one and returns numpy arrays; here it is an error).
+        Returns the steps (None with `timesteps`) and images per prompt as ints."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}.")
         if timesteps is None:
-            check_steps(num_inference_steps, num_train_timesteps=self.scheduler.config.num_train_timesteps)
+            num_inference_steps = check_steps(num_inference_steps,
+                                              num_train_timesteps=self.scheduler.config.num_train_timesteps)
         elif len(timesteps) == 0:
             raise ValueError("`timesteps` is empty: give at least one timestep, or num_inference_steps instead.")
         else:
             check_custom_timesteps(timesteps, self.scheduler.config.num_train_timesteps)
         check_guidance(guidance_scale)
         check_guidance_rescale(guidance_rescale)
-        check_num_images(num_images_per_prompt)
+        num_images_per_prompt = check_num_images(num_images_per_prompt)
         check_number(eta, "eta", low=0.0, high=1.0)
+        return num_inference_steps, num_images_per_prompt
 
     def check_schedule(self, timesteps) -> None:
         """Refuse a schedule the sampler cannot take (two steps on one timestep: a NaN image)."""

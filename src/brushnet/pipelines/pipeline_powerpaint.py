@@ -203,10 +203,11 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         tradoff_nag = check_number(fitting_degree if tradoff_nag is None else tradoff_nag, "tradoff_nag",
                                    low=0.0, high=1.0)
 
-        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
-                                   guidance_rescale, output_type)
+        # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
+        num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
+            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
-        scale, start, end = self.check_brushnet_inputs(
+        scale, start, end, blend_kernel = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )

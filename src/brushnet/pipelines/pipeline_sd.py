@@ -181,10 +181,11 @@ class StableDiffusionBrushNetPipeline(
                               self.unet.config.cross_attention_dim)
         _check_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
-                                   guidance_rescale, output_type)
+        # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
+        num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
+            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
-        scale, start, end = self.check_brushnet_inputs(
+        scale, start, end, blend_kernel = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )

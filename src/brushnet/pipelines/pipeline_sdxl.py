@@ -192,10 +192,11 @@ class StableDiffusionXLBrushNetPipeline(
                                  "or one per prompt.")
         if denoising_end is not None:
             check_number(denoising_end, "denoising_end", low=0.0, high=1.0, low_inclusive=False)
-        self.check_sampling_inputs(num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta,
-                                   guidance_rescale, output_type)
+        # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
+        num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
+            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type)
         self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
-        scale, start, end = self.check_brushnet_inputs(
+        scale, start, end, blend_kernel = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
         )
