@@ -637,6 +637,34 @@ def test_whole_number_floats_work_as_ints(pipe, photo):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_one_negative_or_second_prompt_serves_a_list_of_prompts(pipe, photo, golden):
+    # SD1.5: diffusers refused a string negative prompt beside a list ("should be the same type")
+    # and, beside a batch of prompt_embeds, reshaped it into rows of the wrong length. SDXL: a
+    # string prompt_2 beside a list of prompts was a tensor-size error.
+    from brushnet import StableDiffusionXLBrushNetPipeline
+
+    image, mask = Image.open(photo[0]).convert("RGB"), Image.open(photo[1])
+
+    def run(p, *args, **kwargs):
+        return p(*args, image=image, mask=mask, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    listed = run(pipe, ["a", "b"], negative_prompt=["bad", "bad"])
+    np.testing.assert_array_equal(run(pipe, ["a", "b"], negative_prompt="bad"), listed)
+    embeds, _ = pipe.encode_prompt(["a", "b"], "cpu", 1, True)
+    np.testing.assert_array_equal(run(pipe, prompt_embeds=embeds, negative_prompt="bad"), listed)
+    sdxl = StableDiffusionXLBrushNetPipeline.from_pretrained(golden("sdxl_tiny_pipeline").dir)
+    sdxl.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(sdxl, ["a", "b"], prompt_2="c", negative_prompt_2="d"),
+                                  run(sdxl, ["a", "b"], prompt_2=["c", "c"], negative_prompt_2=["d", "d"]))
+
+
+@pytest.mark.parametrize("prompt", [[], 3, ["a", 3]])
+def test_a_prompt_that_is_not_text_is_one_line(pipe, photo, prompt):
+    with pytest.raises(ValueError, match="`prompt` must be a string or a non-empty list of strings"):
+        pipe(prompt, Image.open(photo[0]).convert("RGB"), Image.open(photo[1]), num_inference_steps=2)
+
+
 def test_an_unknown_output_type_is_refused(pipe, photo):
     image, mask = Image.open(photo[0]), Image.open(photo[1])
     with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent'; got 'jpeg'"):

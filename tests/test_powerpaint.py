@@ -299,6 +299,10 @@ def test_argument_errors(pipeline_case):
         _small_call(case, pipe, task="shape-guided", fitting_degree=1.5)
     with pytest.raises(TypeError):
         _small_call(case, pipe, not_an_argument=1)
+    with pytest.raises(ValueError, match="The PowerPaint task is one name"):  # was: unhashable type 'list'
+        _small_call(case, pipe, task=["text-guided"])
+    with pytest.raises(ValueError, match="`prompt` must be a string or a non-empty list"):  # was an IndexError
+        _small_call(case, pipe, prompt=[])
 
 
 def test_image_outpainting_is_an_alias(pipeline_case):

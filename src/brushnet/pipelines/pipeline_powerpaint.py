@@ -16,7 +16,13 @@ from ..arguments import check_number
 from ..models import BrushNetModel
 from ..models.task_prompts import ALL_TASK_TOKENS, add_task_tokens, expand_task_words
 from .base import _unwrap
-from .pipeline_sd import StableDiffusionBrushNetPipeline, _check_callback_inputs, _check_ip_adapter, _resolve_mask
+from .pipeline_sd import (
+    StableDiffusionBrushNetPipeline,
+    _check_callback_inputs,
+    _check_ip_adapter,
+    _check_text_or_embeds,
+    _resolve_mask,
+)
 
 
 # Task -> (promptA, promptB, negative_promptA, negative_promptB, UNet prompt template), as the authors'
@@ -33,6 +39,8 @@ TASK_ALIASES = {"image-outpainting": "outpainting"}  # the name in the authors' 
 
 
 def resolve_task(task: str) -> str:
+    if not isinstance(task, str):  # a list would fail as an unhashable dictionary key
+        raise ValueError(f"The PowerPaint task is one name, one of {', '.join(TASKS)}; got {task!r:.60}.")
     name = TASK_ALIASES.get(task, task)
     if name not in TASKS:
         raise ValueError(f"Unknown PowerPaint task {task!r}: use one of {', '.join(TASKS)}.")
@@ -186,6 +194,8 @@ class StableDiffusionPowerPaintPipeline(StableDiffusionBrushNetPipeline):
         if negative_prompt is not None and negative_promptU is not None:
             raise TypeError("Pass the negative prompt once: `negative_prompt` or the authors' `negative_promptU`.")
         check_number(fitting_degree, "fitting_degree", low=0.0, high=1.0)
+        _check_text_or_embeds(prompt, None, negative_prompt, None)
+        _check_text_or_embeds(promptU, None, negative_promptU, None)
         default_a, default_b, default_neg_a, default_neg_b, template = TASKS[task]
         if promptU is None:
             user = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)

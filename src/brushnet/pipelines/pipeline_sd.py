@@ -181,6 +181,11 @@ class StableDiffusionBrushNetPipeline(
                               self.unet.config.cross_attention_dim)
         _check_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, str) and batch_size > 1:
+            # One negative prompt for every prompt, as the SDXL pipeline takes it: diffusers refuses
+            # a string beside a list of prompts ("should be the same type") and, beside a batch of
+            # prompt_embeds, reshapes its single row into rows of the wrong length.
+            negative_prompt = [negative_prompt] * batch_size
         # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
         num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
             num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type)
@@ -309,6 +314,12 @@ def _check_text_or_embeds(prompt, prompt_embeds, negative_prompt, negative_promp
     for guidance), `width` the UNet's cross-attention width: else a tensor error deep in the UNet."""
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("Give `prompt` or `prompt_embeds`, not both: the text would be ignored.")
+    for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        # Else an IndexError in the tokenizer (an empty list) or a TypeError on len() (a number).
+        if texts is None or isinstance(texts, str):
+            continue
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {texts!r:.60}.")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("Give `negative_prompt` or `negative_prompt_embeds`, not both: the text would be ignored.")
     for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):

@@ -185,6 +185,11 @@ class StableDiffusionXLBrushNetPipeline(
                                                 ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds,
                                                  negative_prompt_embeds)))
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        # One second prompt for every prompt: diffusers' encode_prompt would concatenate one row of
+        # it with a row per prompt (a tensor-size error).
+        prompt_2 = [prompt_2] * batch_size if isinstance(prompt_2, str) and batch_size > 1 else prompt_2
+        if isinstance(negative_prompt_2, str) and batch_size > 1:
+            negative_prompt_2 = [negative_prompt_2] * batch_size
         for name, texts in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
             if isinstance(texts, (list, tuple)) and len(texts) != batch_size:
                 # diffusers' encode_prompt fails later with a tensor-size error
