@@ -3,6 +3,7 @@
 import inspect
 import json
 import logging
+import math
 import numbers
 import os
 
@@ -232,13 +233,19 @@ class BrushNetPipelineMixin:
         return scale, start, end, blend_kernel
 
     def check_sampling_inputs(self, num_inference_steps, timesteps, guidance_scale, num_images_per_prompt,
-                              eta=0.0, guidance_rescale=0.0, output_type="pil") -> tuple[int | None, int]:
+                              eta=0.0, guidance_rescale=0.0, output_type="pil",
+                              sigmas=None) -> tuple[int | None, int]:
         """The sampler's numbers, before any work: steps, guidance, images per prompt, eta, and the
         output type (diffusers warns on an unknown one and returns numpy arrays; here it is an error).
         Returns the steps (None with `timesteps`) and images per prompt as ints."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}.")
-        if timesteps is None:
+        check_diffusion_scheduler(self.scheduler)
+        if sigmas is not None:
+            if timesteps is not None:
+                raise ValueError("Give `timesteps` or `sigmas`, not both: each sets the whole schedule.")
+            check_custom_sigmas(sigmas, self.scheduler)
+        elif timesteps is None:
             num_inference_steps = check_steps(num_inference_steps,
                                               num_train_timesteps=self.scheduler.config.num_train_timesteps)
         elif len(timesteps) == 0:
@@ -473,3 +480,27 @@ class BranchReuse:
 def _hub_kwargs(kwargs: dict) -> dict:
     keys = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant")
     return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+def check_diffusion_scheduler(scheduler) -> None:
+    """A flow-matching scheduler (SD3's, Flux's) has no noise to start from for a diffusion UNet
+    (an AttributeError on init_noise_sigma deep in diffusers): refused by name."""
+    if not hasattr(scheduler, "init_noise_sigma") or not hasattr(scheduler, "add_noise"):
+        raise ValueError(f"{type(scheduler).__name__} is not a diffusion scheduler (it is for flow-matching models "
+                         "such as SD3 and Flux): SD1.5 and SDXL need one such as UniPCMultistepScheduler or "
+                         "DPMSolverMultistepScheduler.from_config(pipe.scheduler.config).")
+
+
+def check_custom_sigmas(sigmas, scheduler) -> None:
+    """A `sigmas=` list: finite noise levels >= 0, from noisy to clean, for a scheduler that takes them."""
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"{type(scheduler).__name__} takes no custom `sigmas`: use a scheduler that does "
+                         "(EulerDiscreteScheduler, DPMSolverMultistepScheduler, ...), or `timesteps`.")
+    try:
+        values = [float(s) for s in sigmas]
+    except (TypeError, ValueError):
+        raise ValueError(f"`sigmas` must be a list of numbers; got {sigmas!r:.60}.") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"`sigmas` must be finite numbers >= 0, at least one; got {values}.")
+    if any(later >= earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(f"`sigmas` must go down, each once (noisy to clean, e.g. [14.6, 4.0, 1.0]); got {values}.")

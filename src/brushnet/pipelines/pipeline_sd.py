@@ -132,6 +132,7 @@ class StableDiffusionBrushNetPipeline(
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -188,8 +189,10 @@ class StableDiffusionBrushNetPipeline(
             negative_prompt = [negative_prompt] * batch_size
         # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
         num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
-            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type)
-        self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
+            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type,
+            sigmas)
+        self.check_strength(strength, len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None
+                            else num_inference_steps)
         scale, start, end, blend_kernel = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
@@ -215,7 +218,8 @@ class StableDiffusionBrushNetPipeline(
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         return self.inpaint_from_embeds(
             image, mask, height, width, total, device, prompt_embeds, negative_prompt_embeds,
-            num_inference_steps=num_inference_steps, timesteps=timesteps, strength=strength, generator=generator,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, strength=strength,
+            generator=generator,
             latents=latents, eta=eta, scale=scale, start=start, end=end, guess_mode=guess_mode,
             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -227,7 +231,7 @@ class StableDiffusionBrushNetPipeline(
                             *, num_inference_steps, timesteps, strength, generator, latents, eta, scale, start, end,
                             guess_mode, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end,
                             callback_tensor_inputs, output_type, blend, blend_kernel, return_dict, branch_kwargs=None,
-                            brushnet_every=1):
+                            brushnet_every=1, sigmas=None):
         """Steps 3-6 of a call, once the prompts are encoded (`prompt_embeds` CFG-doubled as
         `[negative; positive]`): image and mask, timesteps, denoising, decoding. `branch_kwargs` go
         to every branch call (the PowerPaint pipeline passes its task prompts)."""
@@ -245,7 +249,8 @@ class StableDiffusionBrushNetPipeline(
         height, width = pixels.shape[-2:]
 
         # 4. Timesteps and initial latents
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
+                                                            sigmas)
         self.check_schedule(timesteps)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         self._num_timesteps = len(timesteps)

@@ -118,6 +118,7 @@ class StableDiffusionXLBrushNetPipeline(
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         denoising_end: float | None = None,
         guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
@@ -199,8 +200,10 @@ class StableDiffusionXLBrushNetPipeline(
             check_number(denoising_end, "denoising_end", low=0.0, high=1.0, low_inclusive=False)
         # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
         num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
-            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type)
-        self.check_strength(strength, num_inference_steps if timesteps is None else len(timesteps))
+            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type,
+            sigmas)
+        self.check_strength(strength, len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None
+                            else num_inference_steps)
         scale, start, end, blend_kernel = self.check_brushnet_inputs(
             image, mask, height, width, batch_size, num_images_per_prompt, generator,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
@@ -233,7 +236,8 @@ class StableDiffusionXLBrushNetPipeline(
         height, width = pixels.shape[-2:]
 
         # 4. Timesteps and initial latents
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
+                                                            sigmas)
         self.check_schedule(timesteps)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         self._num_timesteps = len(timesteps)
