@@ -665,6 +665,20 @@ def test_a_prompt_that_is_not_text_is_one_line(pipe, photo, prompt):
         pipe(prompt, Image.open(photo[0]).convert("RGB"), Image.open(photo[1]), num_inference_steps=2)
 
 
+@pytest.mark.parametrize("returned, error, message", [
+    (None, TypeError, "must return a dict of the tensors it changes"),
+    ([1], TypeError, "it returned list"),
+    ("latents[:, :3]", ValueError, r"returned latents of shape \(1, 3, 16, 16\); they must keep the shape"),
+])
+def test_a_step_end_callback_returning_the_wrong_thing_is_named(pipe, photo, returned, error, message):
+    def callback(pipe_, i, t, kwargs):
+        return {"latents": kwargs["latents"][:, :3]} if returned == "latents[:, :3]" else returned
+
+    with pytest.raises(error, match=message):
+        pipe("x", Image.open(photo[0]).convert("RGB"), Image.open(photo[1]), num_inference_steps=2,
+             callback_on_step_end=callback)
+
+
 def test_an_unknown_output_type_is_refused(pipe, photo):
     image, mask = Image.open(photo[0]), Image.open(photo[1])
     with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent'; got 'jpeg'"):
@@ -789,6 +803,8 @@ def test_embeddings_ip_adapter_inputs_and_sdxl_sizes_misused(pipe, photo, golden
     image, mask = Image.open(directory / "init_image.png"), Image.open(directory / "mask.png")
     with pytest.raises(ValueError, match=r"`original_size` must be \(height, width\)"):
         sdxl("x", image=image, mask=mask, num_inference_steps=2, original_size=1024)
+    with pytest.raises(ValueError, match=r"`crops_coords_top_left` must be \(top, left\)"):  # was a TypeError
+        sdxl("x", image=image, mask=mask, num_inference_steps=2, crops_coords_top_left=5)
     prompt, negative, pooled, _ = sdxl.encode_prompt("x", device="cpu")
     with pytest.raises(ValueError, match="`negative_prompt_embeds` needs `negative_pooled_prompt_embeds`"):
         sdxl(prompt_embeds=prompt, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative, image=image,

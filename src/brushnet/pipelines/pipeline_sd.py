@@ -286,7 +286,8 @@ class StableDiffusionBrushNetPipeline(
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,
                                  "negative_prompt_embeds": negative_prompt_embeds}
-                    outputs = callback_on_step_end(self, i, t, {k: available[k] for k in callback_tensor_inputs})
+                    outputs = _step_end_outputs(
+                        callback_on_step_end(self, i, t, {k: available[k] for k in callback_tensor_inputs}), latents)
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
@@ -348,6 +349,21 @@ def _check_ip_adapter(pipe, ip_adapter_image, ip_adapter_image_embeds) -> None:
             getattr(pipe.unet, "encoder_hid_proj", None) is None:
         raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter: load one first with "
                          "pipe.load_ip_adapter(...).")
+
+
+def _step_end_outputs(outputs, latents: torch.Tensor) -> dict:
+    """What a step-end callback returned: a dict of the tensors it changes (diffusers' contract),
+    `latents` of the shape it was given. Else an AttributeError on None, or a convolution error
+    one step later, neither naming the callback."""
+    if not isinstance(outputs, dict):
+        raise TypeError(f"callback_on_step_end must return a dict of the tensors it changes ({{}} for none); "
+                        f"it returned {type(outputs).__name__}.")
+    new = outputs.get("latents")
+    if new is not None and (not isinstance(new, torch.Tensor) or new.shape != latents.shape):
+        shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(f"callback_on_step_end returned latents of shape {shape}; they must keep the shape "
+                         f"{tuple(latents.shape)}.")
+    return outputs
 
 
 def _check_callback_inputs(pipe, names, callback=None) -> list[str]:

@@ -29,7 +29,13 @@ from transformers import (
 from ..arguments import check_number
 from ..models import BrushNetModel
 from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
-from .pipeline_sd import _check_callback_inputs, _check_ip_adapter, _check_text_or_embeds, _resolve_mask
+from .pipeline_sd import (
+    _check_callback_inputs,
+    _check_ip_adapter,
+    _check_text_or_embeds,
+    _resolve_mask,
+    _step_end_outputs,
+)
 
 
 class StableDiffusionXLBrushNetPipeline(
@@ -177,9 +183,14 @@ class StableDiffusionXLBrushNetPipeline(
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` (both come from "
                              "encode_prompt).")
-        for name, size in (("original_size", original_size), ("target_size", target_size)):
+        for name, size in (("original_size", original_size), ("target_size", target_size),
+                           ("crops_coords_top_left", crops_coords_top_left),
+                           ("negative_original_size", negative_original_size),
+                           ("negative_target_size", negative_target_size),
+                           ("negative_crops_coords_top_left", negative_crops_coords_top_left)):
             if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2):
-                raise ValueError(f"`{name}` must be (height, width), e.g. (1024, 1024); got {size!r}.")
+                form = "(top, left), e.g. (0, 0)" if "crops" in name else "(height, width), e.g. (1024, 1024)"
+                raise ValueError(f"`{name}` must be {form}; got {size!r}.")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (both come from encode_prompt).")
         _check_pooled_embeds(self.unet.config, (("pooled_prompt_embeds", pooled_prompt_embeds, prompt_embeds),
@@ -316,9 +327,8 @@ class StableDiffusionXLBrushNetPipeline(
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,
                                  "negative_prompt_embeds": negative_prompt_embeds,
                                  "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids}
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    )
+                    outputs = _step_end_outputs(callback_on_step_end(
+                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs}), latents)
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     add_text_embeds = outputs.pop("add_text_embeds", add_text_embeds)
