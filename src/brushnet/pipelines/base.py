@@ -162,8 +162,15 @@ class BrushNetPipelineMixin:
             kwargs.setdefault("safety_checker", None)
         if "brushnet" not in kwargs:
             folder = str(pretrained_model_name_or_path)
+            if os.path.isfile(folder):
+                raise ValueError(f"{folder} is a file: {cls.__name__}.from_pretrained takes a pipeline folder or hub id "
+                                 "(for a single checkpoint file use brushnet.loading.load_pipeline or "
+                                 "from_single_file).")
             if not os.path.isdir(folder):
                 folder = cls.download(folder, **_hub_kwargs(kwargs))
+            if not os.path.isfile(os.path.join(folder, "model_index.json")):
+                raise ValueError(f"{pretrained_model_name_or_path} has no model_index.json: it is not a pipeline "
+                                 "folder (one with model_index.json, unet/, vae/, brushnet/, ...).")
             if not os.path.isfile(os.path.join(folder, "brushnet", "config.json")):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} has no brushnet/ folder: it is a base model. Pass "

@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..masks import mask_batch_layout
 from ..models import BrushNetModel
-from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
+from .base import BranchReuse, BrushNetPipelineMixin, _unwrap, brushnet_scale_schedule
 
 
 class StableDiffusionBrushNetPipeline(
@@ -237,6 +237,9 @@ class StableDiffusionBrushNetPipeline(
         to every branch call (the PowerPaint pipeline passes its task prompts)."""
         reuse = BranchReuse.for_call(brushnet_every)
         branch_kwargs = {**(branch_kwargs or {}), **({"reuse": reuse} if reuse is not None else {})}
+        # The UNet's precision, whatever the text encoder's (a text encoder in bf16 beside an fp32
+        # UNet gave "mat1 and mat2 must have the same dtype").
+        prompt_embeds = prompt_embeds.to(_unwrap(self.unet).dtype)
         unet_kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs}
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
@@ -297,8 +300,10 @@ class StableDiffusionBrushNetPipeline(
         if output_type == "latent":
             images, nsfw = latents, None
         else:
+            # In the VAE's precision: an fp16 UNet beside a VAE kept in fp32 (against fp16 overflow)
+            # is a common set-up.
             decoded = self.vae.decode(
-                latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
+                (latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False, generator=generator
             )[0]
             decoded, nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
             images = self.finish_images(decoded, pixels, hole, output_type, blend, blend_kernel, nsfw)

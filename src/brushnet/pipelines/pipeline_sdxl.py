@@ -28,7 +28,7 @@ from transformers import (
 
 from ..arguments import check_number
 from ..models import BrushNetModel
-from .base import BranchReuse, BrushNetPipelineMixin, brushnet_scale_schedule
+from .base import BranchReuse, BrushNetPipelineMixin, _unwrap, brushnet_scale_schedule
 from .pipeline_sd import (
     _check_callback_inputs,
     _check_ip_adapter,
@@ -253,7 +253,7 @@ class StableDiffusionXLBrushNetPipeline(
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(
-            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents,
+            total, self.unet.config.in_channels, height, width, _unwrap(self.unet).dtype, device, generator, latents,
             image=pixels if strength < 1.0 else None, timestep=timesteps[:1],
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -265,13 +265,13 @@ class StableDiffusionXLBrushNetPipeline(
         projection_dim = (int(pooled_prompt_embeds.shape[-1]) if self.text_encoder_2 is None
                           else self.text_encoder_2.config.projection_dim)
         add_time_ids = self._get_add_time_ids(
-            tuple(original_size), tuple(crops_coords_top_left), tuple(target_size), dtype=prompt_embeds.dtype,
+            tuple(original_size), tuple(crops_coords_top_left), tuple(target_size), dtype=_unwrap(self.unet).dtype,
             text_encoder_projection_dim=projection_dim,
         )
         if negative_original_size is not None and negative_target_size is not None:
             negative_add_time_ids = self._get_add_time_ids(
                 tuple(negative_original_size), tuple(negative_crops_coords_top_left), tuple(negative_target_size),
-                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
+                dtype=_unwrap(self.unet).dtype, text_encoder_projection_dim=projection_dim,
             )
         else:
             negative_add_time_ids = add_time_ids
@@ -280,8 +280,10 @@ class StableDiffusionXLBrushNetPipeline(
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
             add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
             add_time_ids = torch.cat([negative_add_time_ids, add_time_ids])
-        prompt_embeds = prompt_embeds.to(device)
-        add_text_embeds = add_text_embeds.to(device)
+        # The UNet's precision, whatever the text encoders' (see the SD1.5 pipeline).
+        unet_dtype = _unwrap(self.unet).dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=unet_dtype)
+        add_text_embeds = add_text_embeds.to(device=device, dtype=unet_dtype)
         # As the reference and stock SDXL: [neg, pos] rows tiled per image.
         add_time_ids = add_time_ids.to(device).repeat(total, 1)
 
