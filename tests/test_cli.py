@@ -448,3 +448,91 @@ def test_a_mask_drawn_the_other_way_round_gets_a_note(tmp_path, models, capsys):
     assert (recorded["invert_mask"], recorded["mask_threshold"], recorded["dilate"]) == (True, 100, 2)
     recorded = read_png_params(tmp_path / "bm.png")
     assert (recorded["invert_mask"], recorded["mask_threshold"], recorded["dilate"]) == (False, 128, 0)
+
+
+def test_outputs_never_replace_the_inputs(tmp_path, models, capsys):
+    # --out the image or mask folder: their files passed for finished results, and --overwrite
+    # replaced the photos; --out MASK.png --overwrite replaced the mask.
+    images, masks = tmp_path / "p", tmp_path / "m"
+    images.mkdir(), masks.mkdir()
+    _photo(images / "a.png", (16, 16))
+    _mask(masks / "a.png", (16, 16), (2, 2, 8, 8))
+    before = {p: p.read_bytes() for p in (images / "a.png", masks / "a.png")}
+    for out, name in ((images, "IMAGE folder"), (masks, "MASK folder")):
+        for extra in ([], ["--overwrite"]):
+            capsys.readouterr()
+            assert main(["inpaint", str(images), str(masks), "-p", "x", "--out", str(out), *extra, *models]) == 2
+            assert f"is the {name}" in capsys.readouterr().err
+    for out, name in ((masks / "a.png", "MASK file"), (images / "a.png", "IMAGE file")):
+        assert main(["inpaint", str(images / "a.png"), str(masks / "a.png"), "-p", "x", "--out", str(out),
+                     "--overwrite", *models]) == 2
+        assert f"is the {name} itself" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in before}
+
+
+def test_two_inputs_of_one_name_are_refused_before_any_work(tmp_path, capsys):
+    images, masks = tmp_path / "p", tmp_path / "m"
+    images.mkdir(), masks.mkdir()
+    _photo(images / "dup.png", (16, 16))
+    _photo(images / "dup.jpg", (16, 16))
+    _mask(masks / "dup.png", (16, 16), (2, 2, 8, 8))
+    assert main(["inpaint", str(images), str(masks), "-p", "x", "--out", str(tmp_path / "r")]) == 2
+    assert "dup.jpg and dup.png" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    (images / "dup.jpg").unlink()
+    _mask(masks / "dup.jpg", (16, 16), (2, 2, 8, 8))
+    assert main(["inpaint", str(images), str(masks), "-p", "x", "--out", str(tmp_path / "r")]) == 2
+    assert "only one of them would be the mask of dup" in capsys.readouterr().err
+
+
+def test_a_folder_run_stopped_inside_an_inputs_images_goes_on(tmp_path, models, capsys):
+    # Ctrl-C after 2 of an input's 3 images: the rerun stopped at "already exists"; it makes the
+    # third, from its own seed, and leaves the two as they were.
+    images, masks, out = tmp_path / "p", tmp_path / "m", tmp_path / "r"
+    images.mkdir(), masks.mkdir()
+    _photo(images / "a.png", (16, 16))
+    _mask(masks / "a.png", (16, 16), (2, 2, 8, 8))
+    args = ["inpaint", str(images), str(masks), "-p", "x", "--out", str(out), "--num-images", "3", "--seed", "4",
+            "--steps", "2", *models]
+    assert main(args) == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(whole) == ["a-0.png", "a-1.png", "a-2.png"]
+    (out / "a-2.png").unlink()
+    kept = {n: (out / n).stat().st_mtime_ns for n in ("a-0.png", "a-1.png")}
+    assert main(args) == 0
+    assert kept == {n: (out / n).stat().st_mtime_ns for n in kept}
+    assert read_png_params(out / "a-2.png")["seed"] == 6
+    assert np.array_equal(np.asarray(Image.open(out / "a-2.png")),
+                          np.asarray(Image.open(__import__("io").BytesIO(whole["a-2.png"]))))
+
+
+def test_out_names_read_as_people_mean_them(tmp_path, models, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    _photo(tmp_path / "a.png", (16, 16))
+    _mask(tmp_path / "m.png", (16, 16), (2, 2, 8, 8))
+    base = ["inpaint", "a.png", "m.png", "-p", "x", "--steps", "2", *models]
+    assert main([*base, "--out", "newdir/"]) == 0  # a folder to make, not newdir.png
+    assert (tmp_path / "newdir" / "a-inpainted.png").is_file() and not (tmp_path / "newdir.png").exists()
+    assert main([*base, "--out", "~/x.png"]) == 0  # not a folder named "~"
+    assert (tmp_path / "home" / "x.png").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "p").mkdir()
+    _photo(tmp_path / "p" / "a.png", (16, 16))
+    capsys.readouterr()
+    assert main(["inpaint", "p", "m.png", "-p", "x", "--out", "res.jpg", *models]) == 2
+    assert "names an image file, but IMAGE is a folder" in capsys.readouterr().err
+
+
+def test_prompts_file_serves_a_single_image(tmp_path, models, capsys):
+    _photo(tmp_path / "scene.png", (16, 16))
+    _mask(tmp_path / "m.png", (16, 16), (2, 2, 8, 8))
+    (tmp_path / "pr.txt").write_text("scene: a red circle\n")
+    out = tmp_path / "o.png"
+    base = ["inpaint", str(tmp_path / "scene.png"), str(tmp_path / "m.png"), "--steps", "2", *models]
+    assert main([*base, "--prompts", str(tmp_path / "pr.txt"), "--out", str(out)]) == 0
+    assert read_png_params(out)["prompt"] == "a red circle"
+    (tmp_path / "other.txt").write_text("elsewhere: a cat\n")
+    assert main([*base, "--prompts", str(tmp_path / "other.txt"), "--out", str(tmp_path / "o2.png")]) == 2
+    assert "has no prompt for scene" in capsys.readouterr().err
+    assert main([*base, "--prompts", str(tmp_path / "nope.txt"), "-p", "x", "--out", str(tmp_path / "o3.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err

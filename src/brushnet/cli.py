@@ -5,6 +5,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -139,8 +140,8 @@ def _add_prompt_options(parser, batch: bool) -> None:
     group.add_argument("--negative-prompt", "-n", default="", help="what to avoid")
     if batch:
         group.add_argument("--prompts", metavar="FILE",
-                           help="per-image prompts for folders: .txt with 'stem: prompt' lines or .json "
-                                "{stem: prompt}; default IMAGE/prompts.txt or .json if present")
+                           help="per-image prompts (a folder's, or the one image's line): .txt with 'stem: prompt' "
+                                "lines or .json {stem: prompt}; default IMAGE/prompts.txt or .json if present")
 
 
 # PowerPaint tasks by their command-line names; "remove" is the everyday word for object removal.
@@ -315,10 +316,9 @@ def cmd_outpaint(args) -> int:
     prompt = (args.prompt or "") if powerpaint else _require_prompt(args.prompt)
     image = open_image(image_path)
     canvas = outpaint_canvas(image, args.left, args.right, args.top, args.bottom)
-    out = Path(args.out) if args.out else Path(f"{image_path.stem}-outpainted.png")
-    if out.is_dir():  # an existing folder: the result goes inside it, named as without --out
-        out = out / f"{image_path.stem}-outpainted.png"
+    out = _single_output(args.out, f"{image_path.stem}-outpainted.png")
     outputs = _output_paths(out, args.num_images)
+    _refuse_output_over_input(outputs, {"IMAGE": image_path})
     if not args.overwrite:
         _refuse_existing(outputs)
     prepare_output_folders(outputs)
@@ -438,17 +438,27 @@ def _inpaint_jobs(args) -> list[dict]:
         raise UserError(f"MASK {mask} is a folder but IMAGE {image} is a file: give one mask file for one image "
                         "(a folder of masks goes with a folder of images)")
     if not image.is_dir():
-        out = Path(args.out) if args.out else Path(f"{image.stem}-inpainted.png")
-        if out.is_dir():  # an existing folder: the result goes inside it, named as without --out
-            out = out / f"{image.stem}-inpainted.png"
+        out = _single_output(args.out, f"{image.stem}-inpainted.png")
+        outputs = _output_paths(out, args.num_images)
+        _refuse_output_over_input(outputs, {"IMAGE": image, "MASK": mask})
         task = TASK_CHOICES[args.task or "text-guided"]
-        prompt = (args.prompt or "") if task in PROMPT_FREE_TASKS else _require_prompt(args.prompt)
+        prompt = args.prompt
+        if args.prompts:  # the file's line for this image, as in a folder (it was ignored here)
+            listed = _read_prompts(args, image.parent)
+            prompt = listed.get(image.stem, prompt)
+            if prompt is None and task not in PROMPT_FREE_TASKS:
+                raise UserError(f"--prompts {args.prompts} has no prompt for {image.stem}: add a line "
+                                f"'{image.stem}: ...' or pass --prompt")
+        prompt = (prompt or "") if task in PROMPT_FREE_TASKS else _require_prompt(prompt)
         return [{"image": image, "mask": mask, "prompt": prompt, "transparent_hole": transparent,
-                 "outputs": _output_paths(out, args.num_images), "batch": False,
+                 "outputs": outputs, "batch": False,
                  "extra_params": {"mask_from": "transparency"} if transparent is not None else {}}]
 
     images = _images_in(image)
+    _refuse_shared_stems(images, image)
     # One mask file serves every image of the folder (the same hole in a series of shots).
+    if mask.is_dir():
+        _refuse_shared_stems(_images_in(mask), mask, "masks")
     masks = {p.stem: p for p in _images_in(mask)} if mask.is_dir() else {p.stem: mask for p in images}
     if not images:
         raise UserError(f"no images in {image}")
@@ -462,12 +472,52 @@ def _inpaint_jobs(args) -> list[dict]:
     if without:
         raise UserError(f"no prompt for {len(without)} image(s), e.g. {', '.join(without[:3])}: "
                         "pass --prompt for all or list them in --prompts")
-    out_dir = Path(args.out) if args.out else Path("brushnet-out")
+    out_dir = Path(args.out).expanduser() if args.out else Path("brushnet-out")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} must be a folder when IMAGE is a folder")
+    if not out_dir.exists() and out_dir.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"--out {out_dir} names an image file, but IMAGE is a folder: give the folder to write the "
+                        "results in")
+    for name, folder in (("IMAGE", image), ("MASK", mask if mask.is_dir() else None)):
+        if folder is not None and out_dir.resolve() == folder.resolve():
+            # Its files would pass for finished results, and --overwrite would replace them.
+            raise UserError(f"--out {out_dir} is the {name} folder: the results would replace its files; give "
+                            "another folder")
     return [{"image": p, "mask": masks[p.stem], "prompt": prompts.get(p.stem, args.prompt or ""), "batch": True,
              "outputs": _output_paths(out_dir / f"{p.stem}.png", args.num_images), "extra_params": {}}
             for p in images]
+
+
+def _single_output(out_arg: str | None, default_name: str) -> Path:
+    """The output file of a one-image command: --out as given (~ expanded), or `default_name` inside
+    it where it is an existing folder or ends in a slash (a folder to make), or `default_name`."""
+    if not out_arg:
+        return Path(default_name)
+    out = Path(out_arg).expanduser()
+    if out.is_dir() or out_arg.endswith(("/", os.sep)):
+        return out / default_name
+    return out
+
+
+def _refuse_output_over_input(outputs: list[Path], inputs: dict) -> None:
+    """No output may be a file the run reads (--out MASK.png --overwrite replaced the mask)."""
+    for name, source in inputs.items():
+        if source is not None and any(p.resolve() == Path(source).resolve() for p in outputs):
+            raise UserError(f"--out {outputs[0]} is the {name} file itself: the result would replace it; give "
+                            "another name")
+
+
+def _refuse_shared_stems(images: list[Path], folder: Path, what: str = "images") -> None:
+    """Files are matched and results named by stem: dup.png and dup.jpg would both write dup.png (and
+    two masks of one stem, one would be used silently)."""
+    seen = {}
+    for path in images:
+        if path.stem in seen:
+            why = (f"their results would both be {path.stem}.png" if what == "images"
+                   else f"only one of them would be the mask of {path.stem}")
+            raise UserError(f"{seen[path.stem].name} and {path.name} in {folder} share the name {path.stem!r}: {why}; "
+                            "rename one of them")
+        seen[path.stem] = path
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -577,8 +627,8 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
             saved = set()
             for attempt in range(2):
                 try:
-                    results = inpainting.iter_inpaint(pipe, image, mask, settings)
-                    for path, result, image_seed in zip(job["outputs"], results, inpainting.image_seeds(settings)):
+                    for path, result, image_seed in _missing_results(inpainting, pipe, image, mask, settings, job,
+                                                                     args.overwrite):
                         if path not in saved:
                             _save_result(result, path, job, settings, model_params, image_seed, args.overwrite)
                             saved.add(path)
@@ -592,6 +642,20 @@ def _run_jobs(pipe, model_params: dict, args, jobs) -> dict[str, str]:
             failed[job["image"].name] = str(error).rstrip(".")
             say(f"brushnet: {job['image'].name} failed: {failed[job['image'].name]}", sys.stderr)
     return failed
+
+
+def _missing_results(inpainting, pipe, image, mask, settings, job, overwrite: bool):
+    """(path, image, seed) for each output of `job` still to make. A folder run stopped part-way
+    through an input's --num-images left some of them: only the others are made, each from its own
+    seed (a result depends on its seed alone), so the rerun goes on instead of stopping at the first."""
+    seeds = inpainting.image_seeds(settings)
+    pending = [(path, seed) for path, seed in zip(job["outputs"], seeds) if overwrite or not path.exists()]
+    if len(pending) == len(seeds):
+        yield from zip(job["outputs"], inpainting.iter_inpaint(pipe, image, mask, settings), seeds)
+        return
+    for path, seed in pending:
+        (result,) = inpainting.iter_inpaint(pipe, image, mask, replace(settings, seed=seed, num_images=1))
+        yield path, result, seed
 
 
 def _fall_back_to_fp32(pipe, args, model_params: dict) -> bool:
