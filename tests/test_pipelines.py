@@ -183,6 +183,33 @@ def test_blend_function_keeps_far_pixels_and_fills_the_hole():
     assert not np.array_equal(seam, np.asarray(original)[12, 25]) or not np.array_equal(seam, np.asarray(generated)[12, 25])
 
 
+def test_blend_computes_only_the_holes_window_and_equals_the_whole_image_blend():
+    # The whole photo in float64 was 175 bytes a pixel (a 144-megapixel photo was killed for memory);
+    # the window around the hole gives the same pixels, holes at the borders and tiny images included.
+    from brushnet.pipelines.blending import blend_tensors, blend_window
+
+    def whole(original, generated, mask, kernel):  # the formula on the whole image, as it was done
+        nchw = lambda a: torch.from_numpy(a.astype(np.float64).transpose(2, 0, 1) / 255)[None]  # noqa: E731
+        out = blend_tensors(nchw(original), nchw(generated), torch.from_numpy(mask / 255.0)[None, None], kernel)
+        return np.clip(np.round(out[0].permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(1, 80, 2))
+        kernel = int(rng.choice([1, 3, 7, 21]))
+        original, generated = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(2))
+        mask = np.zeros((h, w), np.uint8)
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        mask[y:y + int(rng.integers(1, 9)), x:x + int(rng.integers(1, 9))] = 255
+        if trial % 3 == 0:
+            mask[:, :1] = 255  # along a border
+        ours = blend(Image.fromarray(original), Image.fromarray(generated), Image.fromarray(mask), kernel)
+        np.testing.assert_array_equal(np.asarray(ours), whole(original, generated, mask, kernel))
+    hole = np.zeros((4000, 6000), bool)
+    hole[2000:2400, 2000:2400] = True
+    assert blend_window(hole, 21) == (1980, 2420, 1980, 2420)
+
+
 def test_pipeline_blend(setup):
     _, pipe, images = setup
     plain = run(pipe, images["init_image"], images["mask"])
