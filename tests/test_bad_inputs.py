@@ -109,6 +109,9 @@ def no_model_load(monkeypatch):
     (["--dilate", "-1"], "--dilate must be >= 0"),
     (["--mask-threshold", "300"], "threshold must be between 0 and 255"),
     (["--scheduler", "ddim2"], "unknown --scheduler 'ddim2'; choose one of unipc, ddim"),
+    # diffusers' refusal came after the model loaded and asked for a strength above 1.
+    (["--scheduler", "lcm", "--steps", "60"], "--scheduler lcm spaces at most 50 steps"),
+    (["--scheduler", "tcd", "--steps", "51"], "--scheduler tcd spaces at most 50 steps"),
     (["-p", "   "], "--prompt is required"),
     # Used to be written as p.png beside what was asked for, without a word.
     (["--out", "result.txt"], "--out result.txt: .txt is not an image format brushnet writes"),
@@ -677,6 +680,18 @@ def test_a_step_end_callback_returning_the_wrong_thing_is_named(pipe, photo, ret
     with pytest.raises(error, match=message):
         pipe("x", Image.open(photo[0]).convert("RGB"), Image.open(photo[1]), num_inference_steps=2,
              callback_on_step_end=callback)
+
+
+def test_a_few_step_scheduler_given_too_many_steps_is_one_line(pipe, photo):
+    from diffusers import LCMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = LCMScheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match="LCMScheduler spaces at most 50 steps"):
+            pipe("x", Image.open(photo[0]).convert("RGB"), Image.open(photo[1]), num_inference_steps=60)
+    finally:
+        pipe.scheduler = original
 
 
 def test_an_unknown_output_type_is_refused(pipe, photo):

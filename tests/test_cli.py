@@ -536,3 +536,17 @@ def test_prompts_file_serves_a_single_image(tmp_path, models, capsys):
     assert "has no prompt for scene" in capsys.readouterr().err
     assert main([*base, "--prompts", str(tmp_path / "nope.txt"), "-p", "x", "--out", str(tmp_path / "o3.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tmp_path, models):
+    # `brushnet info OUT.png | head -3` printed "brushnet: error: Broken pipe" and exited 2.
+    _photo(tmp_path / "a.png", (16, 16))
+    _mask(tmp_path / "m.png", (16, 16), (2, 2, 8, 8))
+    out = tmp_path / "o.png"
+    assert main(["inpaint", str(tmp_path / "a.png"), str(tmp_path / "m.png"), "-p", "x", "--steps", "2",
+                 "--out", str(out), *models]) == 0
+    child = subprocess.Popen([sys.executable, "-m", "brushnet", "info", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first line is written
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0 and "Broken pipe" not in err and "Traceback" not in err, err

@@ -702,6 +702,11 @@ def main(argv=None) -> int:
             raise
         say(f"brushnet: error: {error}", sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `brushnet info OUT.png | head`: the reader has gone, which is no error. Python's own advice:
+        # point stdout at devnull so the exit's flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:  # the file system said no (permissions, a full disk, a folder for a file)
         if os.environ.get("BRUSHNET_DEBUG"):
             raise

@@ -143,6 +143,23 @@ def check_generation_args(args) -> None:
                             "the mask's shape): leave it out, or pass --task shape-guided with a PowerPaint model")
     if getattr(args, "scheduler", None) is not None:
         check_scheduler(args.scheduler)
+        limit = few_step_limit(args.scheduler)
+        steps = getattr(args, "steps", None)
+        if limit is not None and steps is not None and steps > limit:
+            # diffusers' refusal comes after the model loads and asks for a strength above 1.
+            raise UserError(f"--scheduler {args.scheduler} spaces at most {limit} steps (its original_inference_steps); "
+                            f"use --steps {limit} or fewer (it is made for 4-8)")
+
+
+def few_step_limit(scheduler: str) -> int | None:
+    """The most steps a few-step scheduler (LCM, TCD) can space: its default original_inference_steps."""
+    import inspect
+
+    from .schedulers import SCHEDULERS
+
+    cls = SCHEDULERS[scheduler][0]
+    parameter = inspect.signature(cls.__init__).parameters.get("original_inference_steps")
+    return parameter.default if parameter is not None else None
 
 
 def check_steps_fit_scheduler(steps: int, scheduler: str, model_dir) -> None:

@@ -255,6 +255,10 @@ class BrushNetPipelineMixin:
         elif timesteps is None:
             num_inference_steps = check_steps(num_inference_steps,
                                               num_train_timesteps=self.scheduler.config.num_train_timesteps)
+            spaced = getattr(self.scheduler.config, "original_inference_steps", None)  # LCM, TCD
+            if spaced is not None and num_inference_steps > spaced:
+                raise ValueError(f"{type(self.scheduler).__name__} spaces at most {spaced} steps (its "
+                                 f"original_inference_steps): use num_inference_steps <= {spaced} (it is made for 4-8).")
         elif len(timesteps) == 0:
             raise ValueError("`timesteps` is empty: give at least one timestep, or num_inference_steps instead.")
         else:
