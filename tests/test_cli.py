@@ -550,3 +550,12 @@ def test_info_into_a_closed_pipe_exits_quietly(tmp_path, models):
     child.stdout.close()  # the reader is gone before the first line is written
     err = child.stderr.read().decode()
     assert child.wait(timeout=120) == 0 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_an_inverted_mask_with_nothing_left_says_so(tmp_path, capsys):
+    # "has no pixel at or above --mask-threshold 0" was impossible as stated: inverting emptied it.
+    _photo(tmp_path / "a.png", (16, 16))
+    _mask(tmp_path / "m.png", (16, 16), (2, 2, 8, 8))
+    assert main(["inpaint", str(tmp_path / "a.png"), str(tmp_path / "m.png"), "-p", "x", "--invert-mask",
+                 "--mask-threshold", "0", "--out", str(tmp_path / "o.png")]) == 2
+    assert "inverted leaves nothing to fill" in capsys.readouterr().err

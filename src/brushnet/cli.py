@@ -292,6 +292,9 @@ def _read_job(job, args):
             raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: its "
                             f"brightest is {brightest:g} (a 0/1 array saved as an image?); save the hole as 255 "
                             f"(white){lower}")
+        if args.invert_mask:
+            raise UserError(f"{job['mask']} inverted leaves nothing to fill: every pixel is at or above "
+                            f"--mask-threshold {args.mask_threshold}; leave out --invert-mask or raise the threshold")
         raise UserError(f"{job['mask']} has no pixel at or above --mask-threshold {args.mask_threshold}: "
                         "nothing to inpaint (white = fill; --invert-mask if your hole is black)")
     hole_share = mask.histogram()[255] / (mask.width * mask.height)  # load_mask's masks are 0 or 255

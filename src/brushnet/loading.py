@@ -707,7 +707,7 @@ def _load_brushnet_file(path: Path, torch_dtype, allow_pickle: bool, overrides: 
     else:
         raise ModelLoadError(
             f"{path} is not a .safetensors file or a BrushNet folder: pass one of those (or a .ckpt/.bin with "
-            "allow_pickle=True)."
+            "allow_pickle=True, --allow-pickle)."
         )
     _check_brushnet_keys(shapes, path)
 

@@ -116,6 +116,9 @@ def _model_type(auto_config, source: str, flag: str, example: str) -> str:
     if Path(source).is_file():
         raise ValueError(f"{flag} {source} is a file: give the folder that holds it (config.json and the weights) "
                          f"or a hub id of {example}.")
+    if not Path(source).exists() and not hub.looks_like_hub_id(source):
+        # Else the hub's rules for naming a repository, for what was meant as a path.
+        raise ValueError(f"{flag} {source} does not exist: give a folder or a hub id of {example}.")
     return load_part(auto_config.from_pretrained, source, flag, example).model_type
 
 
