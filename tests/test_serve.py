@@ -27,7 +27,14 @@ from brushnet.segmentation import select_mask
 from brushnet.serve import app as serve_app
 from brushnet.serve.app import build_app, launch_options
 from brushnet.serve.generation import Cancelled, GenerationService, user_message
-from brushnet.serve.inputs import InputError, UploadLimits, build_mask, generation_settings, powerpaint_task
+from brushnet.serve.inputs import (
+    InputError,
+    UploadLimits,
+    build_mask,
+    editor_erased,
+    generation_settings,
+    powerpaint_task,
+)
 from brushnet.serve.models import (
     LoadOptions,
     ModelRegistry,
@@ -512,6 +519,18 @@ def test_a_failing_generation_shows_its_error_and_the_server_carries_on(server, 
     assert len(gallery) == 1
 
 
+def test_an_erased_upload_is_inpainted_through_the_api(server, files, tmp_path):
+    scene = Image.open(files.scene).convert("RGBA")
+    alpha = np.full(scene.size[::-1], 255, np.uint8)
+    alpha[20:40, 20:40] = 0
+    scene.putalpha(Image.fromarray(alpha))
+    scene.save(tmp_path / "erased.png")
+    client = Client(server.url, verbose=False)
+    gallery, _ = client.predict(image=_editor(tmp_path / "erased.png"), prompt="a red circle", steps=2, seed=0,
+                                api_name="/inpaint")
+    assert len(gallery) == 1
+
+
 def test_mistakes_in_a_request_are_one_clear_sentence(server, files):
     client = Client(server.url, verbose=False)
     with pytest.raises(Exception, match="Nothing to fill: paint over the region"):
@@ -830,6 +849,21 @@ def test_mask_from_strokes_upload_and_invert():
         build_mask((6, 4), None, None, invert=False)
     with pytest.raises(InputError, match="covers the whole image"):
         build_mask((6, 4), None, None, invert=True)
+
+
+def test_an_image_erased_to_transparent_is_its_own_mask():
+    # As the CLI takes it: the UI said "Nothing to fill" for a PNG whose hole was erased.
+    pixels = np.full((4, 6, 4), 255, np.uint8)
+    pixels[1:3, 2:4, 3] = 0
+    erased = editor_erased({"background": Image.fromarray(pixels, "RGBA")})
+    assert erased is not None and erased.sum() == 4
+    hole = np.asarray(build_mask((6, 4), None, None, False, erased)) > 0
+    assert np.array_equal(hole, erased)
+    strokes = np.zeros((4, 6), bool)
+    strokes[0, 0] = True  # painted strokes (or an uploaded mask) win: a transparent surround is no hole
+    assert (np.asarray(build_mask((6, 4), strokes, None, False, erased)) > 0).sum() == 1
+    assert editor_erased({"background": Image.new("RGBA", (6, 4), "red")}) is None
+    assert editor_erased({"background": Image.new("RGB", (6, 4))}) is None
 
 
 @pytest.mark.parametrize("change, message", [

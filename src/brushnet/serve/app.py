@@ -27,6 +27,7 @@ from .inputs import (
     build_mask,
     check_pixels,
     combine_mask,
+    editor_erased,
     editor_image,
     editor_strokes,
     generation_settings,
@@ -298,7 +299,7 @@ def _handlers(gr, service: GenerationService) -> SimpleNamespace:
             picture = editor_image(image, limits)
             uploaded = open_uploaded_mask(mask, limits) if mask else None
             strokes = selection_strokes(editor_strokes(image, picture.size), selection)
-            hole = build_mask(picture.size, strokes, uploaded, bool(invert_mask))
+            hole = build_mask(picture.size, strokes, uploaded, bool(invert_mask), editor_erased(image))
             settings = generation_settings(prompt, negative_prompt, steps, guidance, scale, start, end, seed,
                                            num_images, blend, blend_kernel, crop_to_mask, strength, keywords)
             return service.run(model, picture, hole, settings, _session(request), progress, extra_params=keywords)
@@ -334,7 +335,7 @@ def _handlers(gr, service: GenerationService) -> SimpleNamespace:
             picture = editor_image(image, limits)
             uploaded = open_uploaded_mask(mask, limits) if mask else None
             strokes = selection_strokes(editor_strokes(image, picture.size), selection)
-            hole = combine_mask(picture.size, strokes, uploaded, bool(invert_mask))
+            hole = combine_mask(picture.size, strokes, uploaded, bool(invert_mask), editor_erased(image))
         except (ValueError, FileNotFoundError) as error:  # InputError, or a mask file PIL cannot read
             gr.Warning(html.escape(str(error), quote=False))
             return None

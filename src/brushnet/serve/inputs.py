@@ -150,9 +150,23 @@ def editor_strokes(editor_value: dict | None, size: tuple[int, int]) -> np.ndarr
     return painted
 
 
+def editor_erased(editor_value: dict | None) -> np.ndarray | None:
+    """The photo's own transparent pixels (alpha below 128), as the CLI reads an image erased to
+    transparent with no mask given: an (H, W) bool array, or None where it has none."""
+    background = (editor_value or {}).get("background")
+    if background is None or not ("A" in background.getbands() or "transparency" in background.info):
+        return None
+    erased = np.asarray(PIL.ImageOps.exif_transpose(background).convert("RGBA").getchannel("A")) < 128
+    return erased if erased.any() else None
+
+
 def combine_mask(size: tuple[int, int], strokes: np.ndarray | None, uploaded: PIL.Image.Image | None,
-                 invert: bool) -> np.ndarray:
-    """The hole as an (H, W) bool array: the painted strokes plus the uploaded mask, inverted if asked."""
+                 invert: bool, erased: np.ndarray | None = None) -> np.ndarray:
+    """The hole as an (H, W) bool array: the painted strokes plus the uploaded mask, inverted if asked.
+    With neither, the photo's `erased` (transparent) pixels, as the CLI takes them."""
+    if erased is not None and uploaded is None and (strokes is None or not strokes.any()) \
+            and erased.shape == (size[1], size[0]):
+        strokes = erased
     hole = np.zeros((size[1], size[0]), dtype=bool) if strokes is None else strokes.copy()
     if uploaded is not None:
         if uploaded.size != size:
@@ -165,11 +179,12 @@ def combine_mask(size: tuple[int, int], strokes: np.ndarray | None, uploaded: PI
 
 
 def build_mask(size: tuple[int, int], strokes: np.ndarray | None, uploaded: PIL.Image.Image | None,
-               invert: bool) -> PIL.Image.Image:
+               invert: bool, erased: np.ndarray | None = None) -> PIL.Image.Image:
     """The hole to fill as the library takes it (L, 255 = fill); refused if it is empty or everything."""
-    hole = combine_mask(size, strokes, uploaded, invert)
+    hole = combine_mask(size, strokes, uploaded, invert, erased)
     if not hole.any():
-        raise InputError("Nothing to fill: paint over the region to replace, or upload a mask (white = fill).")
+        raise InputError("Nothing to fill: paint over the region to replace, upload a mask (white = fill), or "
+                         "upload an image with the region erased to transparent.")
     if hole.all():
         raise InputError("The mask covers the whole image: leave some of it to keep (or untick Invert).")
     return mask_image(hole)
