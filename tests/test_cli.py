@@ -559,3 +559,15 @@ def test_an_inverted_mask_with_nothing_left_says_so(tmp_path, capsys):
     assert main(["inpaint", str(tmp_path / "a.png"), str(tmp_path / "m.png"), "-p", "x", "--invert-mask",
                  "--mask-threshold", "0", "--out", str(tmp_path / "o.png")]) == 2
     assert "inverted leaves nothing to fill" in capsys.readouterr().err
+
+
+def test_a_line_naming_a_non_ascii_file_reaches_an_ascii_terminal():
+    # PYTHONIOENCODING=ascii or LANG=C: the file was written, then the "wrote" line failed (rc 2).
+    import io
+
+    from brushnet.options import say
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    say("wrote résultat.png", stream)
+    assert raw.getvalue() == b"wrote r\\xe9sultat.png\n"

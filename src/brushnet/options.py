@@ -32,7 +32,13 @@ def say(line: str, stream=None) -> None:
     """Print one line in a single write. Under PYTHONUNBUFFERED, print() writes the text and its
     newline separately, so processes of one launch sharing a terminal or pipe splice their lines."""
     stream = sys.stdout if stream is None else stream
-    stream.write(line + "\n")
+    try:
+        stream.write(line + "\n")
+    except UnicodeEncodeError:
+        # A terminal or pipe in ASCII (LANG=C, PYTHONIOENCODING=ascii) and a file name that is not:
+        # the file was written; the line says so with the name escaped, not with an encoding error.
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write((line + "\n").encode(encoding, "backslashreplace").decode(encoding))
     stream.flush()
 
 
