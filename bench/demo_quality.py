@@ -35,7 +35,7 @@ background's there, and the fraction of scenes where that is at least 90 %.
     OMP_NUM_THREADS=1 python bench/demo_quality.py [--scenes 200] [--steps 25] [--kinds exact grown ...]
         [--colour-jitter 45]
         [--methods brushnet+blend blended-latent masked-image vae-roundtrip] [--model DIR] [--brushnet DIR]
-        [--vae DIR] [--json FILE]
+        [--vae DIR] [--json FILE] [--cfg-cutoff R] [--latent-blend]
     python bench/demo_quality.py --merge first.json second.json   # runs over disjoint scenes, one table
 """
 
@@ -157,6 +157,39 @@ def blended_latent_inpaint(pipe, image, mask, prompt, steps, guidance, seed) -> 
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
+def sampling_callbacks(pipe, image, hole: np.ndarray, seed: int, args) -> dict:
+    """brushnet+blend's sampling options, as step-end callbacks through InpaintSettings.extra:
+    `--cfg-cutoff R`, diffusers' SDCFGCutoffCallback (guidance off after that fraction of the steps);
+    `--latent-blend`, BrushNet with the known latent cells replaced after every step by the image's
+    latent noised to the next step's level, as blended-latent sampling does (64x64 scenes: no
+    resizing, so the latent grid is the pipeline's)."""
+    callbacks = []
+    if args.cfg_cutoff is not None:
+        from diffusers.callbacks import SDCFGCutoffCallback
+
+        callbacks.append(SDCFGCutoffCallback(cutoff_step_ratio=args.cfg_cutoff))
+    if args.latent_blend:
+        with torch.no_grad():
+            known = pipe.vae.encode(to_tensor(image)).latent_dist.mode() * pipe.vae.config.scaling_factor
+        cells = F.max_pool2d(torch.from_numpy(hole.astype(np.float32))[None, None], pipe.vae_scale_factor)
+        noise = torch.randn(known.shape, generator=torch.Generator().manual_seed(10_000 + seed))
+
+        def latent_blend(pipe_, i, t, kwargs):
+            timesteps = pipe_.scheduler.timesteps
+            level = known if i + 1 == len(timesteps) else pipe_.scheduler.add_noise(known, noise, timesteps[i + 1:i + 2])
+            return {"latents": cells * kwargs["latents"] + (1 - cells) * level}
+        callbacks.append(latent_blend)
+    if not callbacks:
+        return {}
+
+    def step_end(pipe_, i, t, kwargs):
+        outputs = {}
+        for callback in callbacks:
+            outputs.update(callback(pipe_, i, t, {**kwargs, **outputs}))
+        return outputs
+    return {"callback_on_step_end": step_end, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+
+
 @torch.no_grad()
 def vae_roundtrip(pipe, image: PIL.Image.Image) -> PIL.Image.Image:
     """`image` through the VAE and back (its latent's mode): what a perfect generator would decode."""
@@ -267,6 +300,10 @@ def main():
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="brushnet methods: the pipelines' guidance_rescale (0: plain guidance)")
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS)
+    parser.add_argument("--cfg-cutoff", type=float, metavar="R",
+                        help="brushnet+blend: guidance only for the first R of the steps (SDCFGCutoffCallback)")
+    parser.add_argument("--latent-blend", action="store_true",
+                        help="brushnet+blend: also paste the known region's noised latent after every step")
     parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
     parser.add_argument("--vae", help="a VAE folder to decode with instead of MODEL/vae (its encoder must be the "
                                       "model's for brushnet+blend and blended-latent to mean anything)")
@@ -307,8 +344,9 @@ def main():
             for method in args.methods:
                 start = time.perf_counter()
                 if method == "brushnet+blend":
+                    extra = sampling_callbacks(pipe, scene.image, hole, number, args)
                     settings = InpaintSettings(prompt=prompt, steps=args.steps, guidance=args.guidance, seed=number,
-                                               guidance_rescale=args.guidance_rescale, blend=False)
+                                               guidance_rescale=args.guidance_rescale, blend=False, extra=extra)
                     raw = inpaint(pipe, scene.image, mask, settings)[0]
                     # Exactly what inpaint(blend=True) returns for this generation.
                     result = blend(scene.image, raw, mask, kernel)
@@ -331,8 +369,10 @@ def main():
                 rows[kind][method].append(row)
 
     jitter = f", shades jittered by up to {args.colour_jitter}" if args.colour_jitter else ""
+    sampling = (f", guidance for the first {args.cfg_cutoff:g} of the steps" if args.cfg_cutoff is not None else "") + \
+        (", latent blending" if args.latent_blend else "")
     print(f"held-out scenes {args.first}-{args.first + args.scenes - 1}, {args.steps} steps, guidance {args.guidance}, "
-          f"prompt form {args.prompt!r}{jitter}\n")
+          f"prompt form {args.prompt!r}{jitter}{sampling}\n")
     summary = report(rows)
     raw_kept(rows)
     for method in BROKEN_DOWN:
