@@ -516,6 +516,8 @@ def test_out_names_read_as_people_mean_them(tmp_path, models, monkeypatch, capsy
     assert (tmp_path / "newdir" / "a-inpainted.png").is_file() and not (tmp_path / "newdir.png").exists()
     assert main([*base, "--out", "~/x.png"]) == 0  # not a folder named "~"
     assert (tmp_path / "home" / "x.png").is_file() and not (tmp_path / "~").exists()
+    capsys.readouterr()
+    assert main([*base, "--out", "-"]) == 2 and "standard output" in capsys.readouterr().err
     (tmp_path / "p").mkdir()
     _photo(tmp_path / "p" / "a.png", (16, 16))
     capsys.readouterr()

@@ -496,6 +496,8 @@ def _single_output(out_arg: str | None, default_name: str) -> Path:
     it where it is an existing folder or ends in a slash (a folder to make), or `default_name`."""
     if not out_arg:
         return Path(default_name)
+    if out_arg == "-":  # written as a file named "-.png" before
+        raise UserError("--out - (standard output) is not supported: give a file name or a folder")
     out = Path(out_arg).expanduser()
     if out.is_dir() or out_arg.endswith(("/", os.sep)):
         return out / default_name
