@@ -612,7 +612,11 @@ def test_pack_command_mistakes_are_one_line(folder, tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine" and not out.exists()
     assert main(["data", "pack", str(folder), str(out)]) == 0
     assert main(["data", "pack", str(folder), str(out)]) == 2
-    assert "pass overwrite=True (--overwrite) to replace them" in capsys.readouterr().err
+    assert "pass --overwrite (overwrite=True) to replace them" in capsys.readouterr().err
+    # Into the image folder itself: training on it then refused shards beside images.
+    assert main(["data", "pack", str(folder), str(folder)]) == 2
+    assert "is the image folder itself" in capsys.readouterr().err
+    assert not list(folder.glob("*.tar"))
 
 
 def test_pack_folder_exif_orientation(tmp_path):

@@ -652,6 +652,9 @@ def test_bench_command_errors(bench, tmp_path):
     add_bench_command(parser.add_subparsers())
     for argv, message in [
         (["bench", str(bench), "--out", str(tmp_path / "o")], "needs --base and --brushnet"),
+        # passed the checks, and the pipeline refused it once the models had loaded
+        (["bench", str(bench), "--out", str(tmp_path / "o"), "--base", "b", "--brushnet", "n", "--seed", "-1"],
+         "--seed must be a whole number >= 0 for a benchmark"),
         (["bench", str(bench), "--out", str(tmp_path / "o"), "--images", str(bench), "--base", "x"], "drop --base"),
         (["bench", str(bench), "--out", str(tmp_path / "o"), "--images", str(bench), "--metrics", "all"],
          "Missing weight files"),

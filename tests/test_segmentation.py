@@ -237,6 +237,9 @@ def test_mask_command_writes_the_selection(tmp_path, models, segmenter, image, c
     (["--segmenter", "SAM", "--point", "5,5", "--dilate", "500"], "--dilate must be a whole number in [0, 90]"),
     (["--segmenter", "SAM", "--point", "5,5", "--out", "{tmp}/photo.png/m.png"],
      "cannot create the output folder"),
+    # --overwrite replaced the photo with its mask.
+    (["--segmenter", "SAM", "--point", "5,5", "--out", "{tmp}/photo.png", "--overwrite"],
+     "is the IMAGE file itself"),
 ])
 def test_mask_command_errors_before_loading(tmp_path, image, capsys, extra, message):
     image.save(tmp_path / "photo.png")

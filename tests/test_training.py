@@ -519,7 +519,9 @@ def test_learning_rate_at_each_step(golden, data, tmp_path, monkeypatch, caplog,
 @pytest.mark.parametrize("option, value", [
     ("--learning_rate", "nan"), ("--learning_rate", "0"), ("--learning_rate", "-0.5"), ("--learning_rate", "inf"),
     ("--checkpointing_steps", "0"), ("--checkpoints_total_limit", "0"), ("--validation_steps", "0"),
-    ("--num_validation_images", "0"), ("--validation_inference_steps", "0"), ("--lr_warmup_steps", "-5"),
+    ("--num_validation_images", "0"), ("--validation_inference_steps", "0"),
+    ("--validation_inference_steps", "1001"),  # passed, then killed the run at its first validation
+    ("--lr_warmup_steps", "-5"),
     ("--adam_beta1", "1.0"), ("--adam_beta2", "nan"), ("--adam_weight_decay", "-0.1"), ("--adam_epsilon", "0"),
     ("--max_grad_norm", "0"), ("--max_grad_norm", "inf"), ("--ema_decay", "1.5"), ("--ema_decay", "0"),
     ("--masked_loss_weight", "-1"), ("--masked_loss_weight", "nan"), ("--noise_offset", "-0.1"),
@@ -606,3 +608,20 @@ def test_a_batch_larger_than_the_images_is_told(golden, data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="brushnet.training"):
         train(config(golden, data, tmp_path / "b", max_train_steps=1, train_batch_size=32))
     assert "training image(s) for 32 samples a step: every step repeats them" in caplog.text
+
+
+def test_resume_latest_into_a_folder_holding_a_model_is_refused(golden, data, tmp_path, capsys):
+    # A downloaded BrushNet given as --output_dir to go on from it: "no checkpoint, starting a new
+    # run", then its files were replaced by the new run's; a folder's own config.json likewise.
+    import shutil
+
+    run = tmp_path / "downloaded"
+    shutil.copytree(golden("sd15_tiny_pipeline").dir / "brushnet", run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    base = ["train", "--pretrained_model_name_or_path", str(golden("sd15_tiny_pipeline").dir), "--train_data_dir",
+            str(data), "--output_dir", str(run), "--resolution", "16", "--report_to", "none", "--max_train_steps", "1"]
+    assert main([*base, "--resume_from_checkpoint", "latest"]) == 2
+    assert "holds a model but no checkpoint-N to resume" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert before == {p.name: p.read_bytes() for p in run.iterdir()}

@@ -158,6 +158,8 @@ def cmd_mask(args) -> int:
         out = out / f"{image_path.stem}-mask.png"
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: masks are written as PNG; give a .png name")
+    if out.exists() and out.resolve() == image_path.resolve():  # --overwrite replaced the photo with its mask
+        raise UserError(f"--out {out} is the IMAGE file itself: the mask would replace it; give another name")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     prepare_output_folders([out])

@@ -46,15 +46,18 @@ def pack_folder(
         raise ValueError(f"shard_size must be >= 1; got {shard_size}.")
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a plain file name prefix; got {prefix!r}.")
-    items = list_folder(folder)
     out_dir = Path(out_dir)
+    if out_dir.exists() and out_dir.resolve() == Path(folder).resolve():
+        # Training on the folder then found shards beside its images and refused it.
+        raise ValueError(f"{out_dir} is the image folder itself: write the shards to another folder.")
+    items = list_folder(folder)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file: the shards need a folder (an existing one, or a new name).")
     existing = _existing_shards(out_dir, prefix)
     if existing and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds {len(existing)} shard(s) named {prefix}-*.tar; "
-            "pass overwrite=True (--overwrite) to replace them or choose another folder or prefix."
+            "pass --overwrite (overwrite=True) to replace them or choose another folder or prefix."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 

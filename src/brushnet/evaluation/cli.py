@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from ..options import (
+    UserError,
     add_model_options,
     check_generation_args,
     load_pipeline_from_args,
@@ -99,6 +100,11 @@ def cmd_bench(args) -> int:
     if not generating and (args.base or args.brushnet):
         raise ValueError("--images scores existing results: drop --base and --brushnet (or drop --images to generate).")
     check_generation_args(args)  # the numbers and --scheduler
+    if args.seed is not None and args.seed < 0:
+        # check_generation_args lets -1 through for inpaint's "a random seed"; a benchmark scores one
+        # fixed seed, and the pipeline refused -1 only after the models loaded.
+        raise UserError(f"--seed must be a whole number >= 0 for a benchmark (one seed for every image); "
+                        f"got {args.seed}")
 
     process = process_info()
     device = resolve_device(args.device, process.device if process.world_size > 1 else None)

@@ -141,7 +141,7 @@ _WHOLE = {
     "lr_warmup_steps": (0, None), "seed": (0, 2**32 - 1),  # numpy's seeds are 32-bit
     "crops_coords_top_left_h": (0, None), "crops_coords_top_left_w": (0, None),
     "checkpointing_steps": (1, None), "checkpoints_total_limit": (1, None), "validation_steps": (1, None),
-    "num_validation_images": (1, None), "validation_inference_steps": (1, None),
+    "num_validation_images": (1, None), "validation_inference_steps": (1, 1000),  # the pipelines' limit
 }
 _OPTIONAL = {"lr_warmup_steps", "seed", "checkpoints_total_limit"}
 # Real-valued options: (low, high, low included, high included); every one must also be finite.

@@ -284,10 +284,16 @@ def _check_config(config: TrainConfig) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--output_dir {output_dir}: {existing} is not writable.")
     _check_validation_files(config)
-    if not config.resume_from_checkpoint and (
-            _checkpoints(output_dir) or (output_dir / "diffusion_pytorch_model.safetensors").exists()):
+    holds_model = any((output_dir / name).exists() for name in (
+        "config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+    if not config.resume_from_checkpoint and (_checkpoints(output_dir) or holds_model):
         raise ValueError(f"{output_dir} already holds another run's checkpoints or BrushNet: pass "
                          "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
+    if config.resume_from_checkpoint == "latest" and holds_model and not _checkpoints(output_dir):
+        # Nothing to resume, and the new run's save would replace the model there (a downloaded
+        # BrushNet given as --output_dir to go on from it).
+        raise ValueError(f"{output_dir} holds a model but no checkpoint-N to resume: to fine-tune that BrushNet, pass "
+                         f"--brushnet_model_name_or_path {output_dir} with a new --output_dir.")
 
 
 def _check_validation_files(config: TrainConfig) -> None:
