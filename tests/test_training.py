@@ -625,3 +625,14 @@ def test_resume_latest_into_a_folder_holding_a_model_is_refused(golden, data, tm
     assert main(base) == 2
     assert "already holds another run" in capsys.readouterr().err
     assert before == {p.name: p.read_bytes() for p in run.iterdir()}
+
+
+def test_resuming_another_models_checkpoint_is_one_line(golden, data, tmp_path):
+    # An SDXL run's checkpoint resumed on SD1.5: a traceback with a line per mismatched weight.
+    xl = tmp_path / "xl"
+    train(config(golden, data, xl, pretrained_model_name_or_path=str(golden("sdxl_tiny_pipeline").dir),
+                 max_train_steps=1, checkpointing_steps=1, train_batch_size=2))
+    with pytest.raises(ValueError, match="holds a BrushNet of another shape than this run's") as error:
+        train(config(golden, data, tmp_path / "sd", max_train_steps=2, train_batch_size=2,
+                     resume_from_checkpoint=str(xl / "checkpoint-1")))
+    assert "\n" not in str(error.value)

@@ -158,6 +158,13 @@ def train(config: TrainConfig) -> Path:
             if "parameter group" not in str(error):
                 raise
             raise ValueError(lr_scale_mismatch(checkpoint, config.zero_conv_lr_scale)) from None
+        except RuntimeError as error:
+            if "size mismatch" not in str(error) and "Missing key" not in str(error):
+                raise
+            # Else a traceback with a line per mismatched weight (46 for an SDXL checkpoint on SD1.5).
+            raise ValueError(f"{checkpoint} holds a BrushNet of another shape than this run's (made for another "
+                             "base model or layout): resume it with the base it was trained on, or start a new "
+                             "--output_dir.") from None
         check_resumed_lr_scale(optimizer, checkpoint, config.zero_conv_lr_scale)
         global_step = _step(checkpoint)
         if global_step >= config.max_train_steps:
