@@ -636,3 +636,17 @@ def test_resuming_another_models_checkpoint_is_one_line(golden, data, tmp_path):
         train(config(golden, data, tmp_path / "sd", max_train_steps=2, train_batch_size=2,
                      resume_from_checkpoint=str(xl / "checkpoint-1")))
     assert "\n" not in str(error.value)
+
+
+def test_options_changed_on_resume_are_told(golden, data, tmp_path, caplog):
+    # --learning_rate 1e-2 on resume: the checkpoint's optimiser kept 1e-3, without a word.
+    out = tmp_path / "run"
+    train(config(golden, data, out, max_train_steps=2, checkpointing_steps=1, train_batch_size=2))
+    with caplog.at_level(logging.WARNING):
+        train(config(golden, data, out, max_train_steps=3, checkpointing_steps=1, train_batch_size=2,
+                     resume_from_checkpoint="latest"))
+    assert "options its run did not have" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        train(config(golden, data, out, max_train_steps=4, checkpointing_steps=1, train_batch_size=2,
+                     learning_rate=1e-2, resume_from_checkpoint="latest"))
+    assert "--learning_rate 0.01 (the checkpoint's run: 0.001)" in caplog.text

@@ -166,6 +166,8 @@ def train(config: TrainConfig) -> Path:
                              "base model or layout): resume it with the base it was trained on, or start a new "
                              "--output_dir.") from None
         check_resumed_lr_scale(optimizer, checkpoint, config.zero_conv_lr_scale)
+        if accelerator.is_main_process:
+            warn_changed_options(checkpoint, config)
         global_step = _step(checkpoint)
         if global_step >= config.max_train_steps:
             logger.warning("%s is at step %d, not before --max_train_steps %d: nothing to train; its BrushNet "
@@ -243,7 +245,7 @@ def train(config: TrainConfig) -> Path:
 
         if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
             save_checkpoint(accelerator, brushnet, ema, output_dir, global_step, config.checkpoints_total_limit,
-                            data_seed=seed)
+                            data_seed=seed, options=resumed_options(config))
         if config.validation_image and global_step % config.validation_steps == 0 and accelerator.is_main_process:
             run_validation(accelerator, brushnet, ema, base, noise_scheduler, config, global_step, weight_dtype)
 
@@ -579,8 +581,36 @@ def _discard(checkpoint: Path) -> None:
 DATA_SEED_FILE = "data_seed-{rank}.json"  # in a checkpoint: each process's seed of its data order and masks
 
 
+# The options a checkpoint's own state fixes (the optimiser's and schedule's numbers) or that shape
+# its data stream: given otherwise on resume, they are not what the resumed run does, or not the
+# stream the replay skips through.
+RESUMED_OPTIONS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+                   "adam_weight_decay", "adam_epsilon", "train_batch_size", "gradient_accumulation_steps",
+                   "resolution", "mask_mix", "seed", "random_mask", "proportion_empty_prompts")
+OPTIONS_FILE = "run_options.json"
+
+
+def resumed_options(config) -> dict:
+    return {name: getattr(config, name, None) for name in RESUMED_OPTIONS}
+
+
+def warn_changed_options(checkpoint: Path, config) -> None:
+    """One warning naming the options given otherwise than the checkpoint's run had them."""
+    path = checkpoint / OPTIONS_FILE
+    if not path.is_file():  # saved before the file existed
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"--{name} {getattr(config, name)!r} (the checkpoint's run: {saved[name]!r})"
+               for name in RESUMED_OPTIONS if name in saved and saved[name] != getattr(config, name, None)]
+    if changed:
+        logger.warning("Resuming %s with options its run did not have: %s. The optimiser's and the schedule's "
+                       "numbers come from the checkpoint, and the data replay assumes the run's batches; start a "
+                       "new --output_dir (with --brushnet_model_name_or_path %s/brushnet) to train with them.",
+                       checkpoint, "; ".join(changed), checkpoint)
+
+
 def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, keep_last: int | None,
-                    data_seed: int | None = None) -> None:
+                    data_seed: int | None = None, options: dict | None = None) -> None:
     """The full accelerate state (to resume) plus a `brushnet/` folder that `from_pretrained` loads,
     and the data seed (drawn at random without --seed), so that a resume reads the same stream.
 
@@ -602,6 +632,8 @@ def save_checkpoint(accelerator, brushnet, ema, output_dir: Path, step: int, kee
             ema.restore(model.parameters())
         else:
             model.save_pretrained(partial / "brushnet")
+        if options is not None:
+            (partial / OPTIONS_FILE).write_text(json.dumps(options))
     if data_seed is not None:  # each process drew its own
         (partial / DATA_SEED_FILE.format(rank=accelerator.process_index)).write_text(json.dumps({"data_seed": data_seed}))
     accelerator.wait_for_everyone()  # every process's files are in before the folder counts as complete
