@@ -553,6 +553,8 @@ def _records_by_caption(dataset):
 
 
 def test_pack_folder_round_trip(folder, tmp_path):
+    (folder / "c.json").write_text(json.dumps({**SEGMENTATION, "captions": ["a red cube", "a blue ball"],
+                                               "background_caption": "grass"}), encoding="utf-8-sig")
     out = tmp_path / "packed"
     paths = pack_folder(folder, out, shard_size=2)
     assert [p.name for p in paths] == ["brushdata-00000.tar", "brushdata-00001.tar", "brushdata-00002.tar"]
@@ -566,6 +568,9 @@ def test_pack_folder_round_trip(folder, tmp_path):
     assert sorted(packed) == sorted(source)
     for caption, original in source.items():
         copy = packed[caption]
+        # per-object captions (what --mask_mix drawn trains on) were dropped by the pack
+        assert (copy.object_captions, copy.background_caption) == (original.object_captions,
+                                                                   original.background_caption)
         np.testing.assert_array_equal(np.asarray(copy.image), np.asarray(original.image))  # webp -> lossless PNG
         keeps = [m if isinstance(m, np.ndarray) else rle_decode(m, H, W) for m in original.segmentation_masks]
         assert len(copy.segmentation_masks) == len(keeps)
@@ -580,6 +585,8 @@ def test_pack_folder_round_trip(folder, tmp_path):
         )
         for key in ("pixel_values", "conditioning_pixel_values", "masks"):
             assert torch.equal(a[key], b[key])
+    assert any(r.object_captions == ["a red cube", "a blue ball"] and r.background_caption == "grass"
+               for r in packed.values())
 
 
 def test_pack_folder_refuses_to_overwrite(folder, tmp_path):

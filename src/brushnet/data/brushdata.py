@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 
 from ..masks import check_rle
+from .folder import hole_captions
 from ._stream import (
     BUFFER_SALT,
     BrokenSample,
@@ -287,8 +288,11 @@ class BrushDataShards(RecordDataset):
                 caption = raw_caption.decode("utf-8")
             except UnicodeDecodeError:
                 raise BrokenSample("caption is not UTF-8") from None
-        masks = [] if self.random_mask else _segmentation(fields, height, width)
-        return Record(key=key, image=image, caption=caption, segmentation_masks=masks)
+        segmentation = None if self.random_mask else _segmentation(fields, height, width)
+        masks = [] if segmentation is None else segmentation["mask"]
+        object_captions, background_caption = hole_captions(segmentation, len(masks))
+        return Record(key=key, image=image, caption=caption, segmentation_masks=masks,
+                      object_captions=object_captions, background_caption=background_caption)
 
 
 def _int_field(fields: dict[str, bytes], name: str) -> int | None:
@@ -300,7 +304,7 @@ def _int_field(fields: dict[str, bytes], name: str) -> int | None:
         raise BrokenSample(f"{name} is not an integer ({fields[name][:20]!r})") from None
 
 
-def _segmentation(fields: dict[str, bytes], height: int, width: int) -> list:
+def _segmentation(fields: dict[str, bytes], height: int, width: int) -> dict:
     if "segmentation" not in fields:
         raise BrokenSample("missing segmentation")
     try:
@@ -314,4 +318,4 @@ def _segmentation(fields: dict[str, bytes], height: int, width: int) -> list:
             check_rle(rle, height, width)
         except (ValueError, TypeError) as error:
             raise BrokenSample(f"bad RLE ({error})") from None
-    return segmentation["mask"]
+    return segmentation

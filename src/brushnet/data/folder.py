@@ -143,6 +143,13 @@ def read_hole_captions(path: Path, count: int) -> tuple[list[str], str | None]:
         segmentation = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return [], None
+    return hole_captions(segmentation, count)
+
+
+def hole_captions(segmentation, count: int) -> tuple[list[str], str | None]:
+    """`read_hole_captions` of a parsed segmentation JSON (a folder's file, or a shard's member)."""
+    if not isinstance(segmentation, dict):
+        return [], None
     captions = segmentation.get("captions")
     if not (isinstance(captions, list) and len(captions) == count and all(isinstance(c, str) for c in captions)):
         captions = []

@@ -125,7 +125,7 @@ def _sample_members(item) -> list[tuple[str, bytes]]:
         ("caption", record.caption.encode("utf-8")),
         ("height", str(record.image.height).encode()),
         ("width", str(record.image.width).encode()),
-        ("segmentation", json.dumps({"mask": masks}, separators=(",", ":")).encode()),
+        ("segmentation", json.dumps(_segmentation_json(masks, record), separators=(",", ":")).encode()),
         ("json", json.dumps({"source": item.image.name}).encode()),
     ]
 
@@ -162,3 +162,15 @@ class _ShardWriter:
         finally:
             self.file.close()
             self.temp.unlink(missing_ok=True)
+
+
+def _segmentation_json(masks: list, record) -> dict:
+    """The shard's segmentation member: the masks, and the folder's per-object captions and
+    background caption where it has them (--mask_mix drawn trains on those; dropped, the shards
+    trained otherwise than the folder)."""
+    segmentation = {"mask": masks}
+    if record.object_captions:
+        segmentation["captions"] = list(record.object_captions)
+    if record.background_caption:
+        segmentation["background_caption"] = record.background_caption
+    return segmentation
