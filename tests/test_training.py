@@ -650,3 +650,12 @@ def test_options_changed_on_resume_are_told(golden, data, tmp_path, caplog):
         train(config(golden, data, out, max_train_steps=4, checkpointing_steps=1, train_batch_size=2,
                      learning_rate=1e-2, resume_from_checkpoint="latest"))
     assert "--learning_rate 0.01 (the checkpoint's run: 0.001)" in caplog.text
+
+
+def test_a_brushnet_of_another_base_is_refused_before_training(golden, data, tmp_path):
+    # An SDXL branch on an SD1.5 base failed at the first step, asking for added_cond_kwargs.
+    with pytest.raises(ValueError) as error:
+        train(config(golden, data, tmp_path / "run", max_train_steps=1,
+                     brushnet_model_name_or_path=str(golden("sdxl_tiny_pipeline").dir / "brushnet")))
+    assert "added_cond_kwargs" not in str(error.value) and "\n" not in str(error.value)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

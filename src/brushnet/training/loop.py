@@ -104,7 +104,11 @@ def train(config: TrainConfig) -> Path:
     if config.brushnet_model_name_or_path:
         from ..loading import load_brushnet
 
+        from ..pipelines.base import check_brushnet_matches_unet
+
         brushnet = load_brushnet(config.brushnet_model_name_or_path, allow_pickle=config.allow_pickle)
+        # Else, for an SDXL branch on an SD1.5 base, a library error at the first step.
+        check_brushnet_matches_unet(brushnet, unet)
     else:
         brushnet = BrushNetModel.from_unet(unet)
     downsampling = config.mask_downsampling
