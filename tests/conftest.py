@@ -87,6 +87,22 @@ def golden():
     return load
 
 
+@pytest.fixture(scope="session")
+def golden_pipeline(golden):
+    """`load(name, cls)`: a golden pipeline case loaded with pipeline class `cls` (progress bar off),
+    with its init image (RGB) and mask (L): (pipe, image, mask). Each call loads a fresh pipeline."""
+    from PIL import Image
+
+    def load(name: str, cls):
+        directory = golden(name).dir
+        pipe = cls.from_pretrained(directory)
+        pipe.set_progress_bar_config(disable=True)
+        image = Image.open(directory / "init_image.png").convert("RGB")
+        return pipe, image, Image.open(directory / "mask.png").convert("L")
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def tiny_sd15_base(golden):
     """The golden tiny SD1.5 BrushNet pipeline's folder (its BrushNet in brushnet/)."""

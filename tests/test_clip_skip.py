@@ -10,15 +10,6 @@ from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetP
 PROMPT = "a red cake on the table"
 
 
-def load(golden, name, cls):
-    directory = golden(name).dir
-    pipe = cls.from_pretrained(directory)
-    pipe.set_progress_bar_config(disable=True)
-    image = Image.open(directory / "init_image.png").convert("RGB")
-    mask = Image.open(directory / "mask.png").convert("L")
-    return pipe, image, mask
-
-
 def run(case, **kwargs):
     pipe, image, mask = case
     return pipe(image=image, mask=mask, num_inference_steps=2, output_type="np",
@@ -26,8 +17,8 @@ def run(case, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def sd15(golden):
-    return load(golden, "sd15_tiny_pipeline", StableDiffusionBrushNetPipeline)
+def sd15(golden_pipeline):
+    return golden_pipeline("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline)
 
 
 def test_sd15_clip_skip_reads_the_layer_before_the_last(sd15):
@@ -52,8 +43,8 @@ def test_sd15_clip_skip_out_of_range_is_one_line(sd15, clip_skip):
         run(sd15, prompt=PROMPT, clip_skip=clip_skip)
 
 
-def test_sdxl_clip_skip_runs(golden):
-    case = load(golden, "sdxl_tiny_pipeline", StableDiffusionXLBrushNetPipeline)
+def test_sdxl_clip_skip_runs(golden_pipeline):
+    case = golden_pipeline("sdxl_tiny_pipeline", StableDiffusionXLBrushNetPipeline)
     assert np.abs(run(case, prompt=PROMPT, clip_skip=1) - run(case, prompt=PROMPT)).max() > 1e-4
 
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
-from PIL import Image
 
 from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
 
@@ -12,14 +11,9 @@ from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetP
 @pytest.fixture(scope="module", params=[("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline),
                                         ("sdxl_tiny_pipeline", StableDiffusionXLBrushNetPipeline)],
                 ids=["sd15", "sdxl"])
-def case(request, golden):
-    name, cls = request.param
-    directory = golden(name).dir
-    pipe = cls.from_pretrained(directory)
-    pipe.set_progress_bar_config(disable=True)
+def case(request, golden_pipeline):
+    pipe, image, mask = golden_pipeline(*request.param)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    image = Image.open(directory / "init_image.png").convert("RGB")
-    mask = Image.open(directory / "mask.png").convert("L")
     return pipe, image, mask
 
 

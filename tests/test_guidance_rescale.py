@@ -14,14 +14,8 @@ PIPELINES = [("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline),
 
 
 @pytest.fixture(scope="module", params=PIPELINES, ids=["sd15", "sdxl"])
-def case(request, golden):
-    name, cls = request.param
-    directory = golden(name).dir
-    pipe = cls.from_pretrained(directory)
-    pipe.set_progress_bar_config(disable=True)
-    image = Image.open(directory / "init_image.png").convert("RGB")
-    mask = Image.open(directory / "mask.png").convert("RGB")
-    return pipe, image, mask
+def case(request, golden_pipeline):
+    return golden_pipeline(*request.param)
 
 
 def run(case, num_inference_steps=3, **kwargs):

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from diffusers.callbacks import SDCFGCutoffCallback
-from PIL import Image
 
 from brushnet import StableDiffusionBrushNetPipeline
 from brushnet.inpaint import InpaintSettings, check_settings, inpaint
@@ -12,13 +11,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def case(golden):
-    directory = golden("sd15_tiny_pipeline").dir
-    pipe = StableDiffusionBrushNetPipeline.from_pretrained(directory)
-    pipe.set_progress_bar_config(disable=True)
-    image = Image.open(directory / "init_image.png").convert("RGB")
-    mask = Image.open(directory / "mask.png").convert("L")
-    return pipe, image, mask
+def case(golden_pipeline):
+    return golden_pipeline("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline)
 
 
 def run(case, progress=None, **extra):

@@ -4,7 +4,6 @@ fp32 (against fp16 overflow), or a text encoder in another precision than the UN
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
 
@@ -19,13 +18,10 @@ SETUPS = {
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("name, cls", [("sd15_tiny_pipeline", StableDiffusionBrushNetPipeline),
                                        ("sdxl_tiny_pipeline", StableDiffusionXLBrushNetPipeline)], ids=["sd15", "sdxl"])
-def test_mixed_precision_components_run(golden, name, cls, setup):
+def test_mixed_precision_components_run(golden_pipeline, name, cls, setup):
     # Each was a "should be the same" dtype error in a convolution or a matrix product (SD1.5: all
     # three; SDXL: the text encoders).
-    directory = golden(name).dir
-    pipe = cls.from_pretrained(directory)
-    pipe.set_progress_bar_config(disable=True)
-    image, mask = Image.open(directory / "init_image.png").convert("RGB"), Image.open(directory / "mask.png")
+    pipe, image, mask = golden_pipeline(name, cls)
 
     def run():
         return pipe(prompt="a red cake", image=image, mask=mask, num_inference_steps=2, output_type="np",

@@ -269,6 +269,24 @@ class BrushNetPipelineMixin:
         check_number(eta, "eta", low=0.0, high=1.0)
         return num_inference_steps, num_images_per_prompt
 
+    def check_call_inputs(self, *, image, mask, height, width, batch_size, num_inference_steps, timesteps, sigmas,
+                          guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type, strength,
+                          generator, brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                          blend_kernel):
+        """Every pipeline's sampler, strength and BrushNet checks, in the order a call needs them.
+        Returns (steps, images per prompt, scale, start, end, blend kernel), whole numbers as ints
+        (2.0 from a JSON or YAML file comes back as 2); steps is None with `timesteps` or `sigmas`."""
+        num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
+            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type,
+            sigmas)
+        scheduled = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else None
+        self.check_strength(strength, scheduled if scheduled is not None else num_inference_steps)
+        scale, start, end, blend_kernel = self.check_brushnet_inputs(
+            image, mask, height, width, batch_size, num_images_per_prompt, generator,
+            brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
+        )
+        return num_inference_steps, num_images_per_prompt, scale, start, end, blend_kernel
+
     def check_schedule(self, timesteps) -> None:
         """Refuse a schedule the sampler cannot take (two steps on one timestep: a NaN image)."""
         check_schedule(timesteps, getattr(self.scheduler, "sigmas", None), getattr(self.scheduler, "order", 1))

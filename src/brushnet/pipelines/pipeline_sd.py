@@ -187,16 +187,13 @@ class StableDiffusionBrushNetPipeline(
             # a string beside a list of prompts ("should be the same type") and, beside a batch of
             # prompt_embeds, reshapes its single row into rows of the wrong length.
             negative_prompt = [negative_prompt] * batch_size
-        # Whole-number floats (2.0, from a JSON or YAML file) come back as ints.
-        num_inference_steps, num_images_per_prompt = self.check_sampling_inputs(
-            num_inference_steps, timesteps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, output_type,
-            sigmas)
-        self.check_strength(strength, len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None
-                            else num_inference_steps)
-        scale, start, end, blend_kernel = self.check_brushnet_inputs(
-            image, mask, height, width, batch_size, num_images_per_prompt, generator,
-            brushnet_conditioning_scale, control_guidance_start, control_guidance_end, blend_kernel,
-        )
+        num_inference_steps, num_images_per_prompt, scale, start, end, blend_kernel = self.check_call_inputs(
+            image=image, mask=mask, height=height, width=width, batch_size=batch_size,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, guidance_rescale=guidance_rescale,
+            output_type=output_type, strength=strength, generator=generator,
+            brushnet_conditioning_scale=brushnet_conditioning_scale, control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end, blend_kernel=blend_kernel)
         callback_on_step_end_tensor_inputs = _check_callback_inputs(
             self, callback_on_step_end_tensor_inputs, callback_on_step_end)
         self._guidance_scale = guidance_scale
