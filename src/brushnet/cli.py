@@ -457,12 +457,17 @@ def _inpaint_jobs(args) -> list[dict]:
                  "outputs": outputs, "batch": False,
                  "extra_params": {"mask_from": "transparency"} if transparent is not None else {}}]
 
+    from .data.folder import check_unique_stems
+
     images = _images_in(image)
-    _refuse_shared_stems(images, image)
+    check_unique_stems(images, image, "their results would both be {stem}.png; rename one of them")
     # One mask file serves every image of the folder (the same hole in a series of shots).
     if mask.is_dir():
-        _refuse_shared_stems(_images_in(mask), mask, "masks")
-    masks = {p.stem: p for p in _images_in(mask)} if mask.is_dir() else {p.stem: mask for p in images}
+        mask_files = _images_in(mask)
+        check_unique_stems(mask_files, mask, "only one of them would be the mask of {stem}; rename one of them")
+        masks = {p.stem: p for p in mask_files}
+    else:
+        masks = {p.stem: mask for p in images}
     if not images:
         raise UserError(f"no images in {image}")
     missing = [p.name for p in images if p.stem not in masks]
@@ -510,19 +515,6 @@ def _refuse_output_over_input(outputs: list[Path], inputs: dict) -> None:
         if source is not None and any(p.resolve() == Path(source).resolve() for p in outputs):
             raise UserError(f"--out {outputs[0]} is the {name} file itself: the result would replace it; give "
                             "another name")
-
-
-def _refuse_shared_stems(images: list[Path], folder: Path, what: str = "images") -> None:
-    """Files are matched and results named by stem: dup.png and dup.jpg would both write dup.png (and
-    two masks of one stem, one would be used silently)."""
-    seen = {}
-    for path in images:
-        if path.stem in seen:
-            why = (f"their results would both be {path.stem}.png" if what == "images"
-                   else f"only one of them would be the mask of {path.stem}")
-            raise UserError(f"{seen[path.stem].name} and {path.name} in {folder} share the name {path.stem!r}: {why}; "
-                            "rename one of them")
-        seen[path.stem] = path
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -57,6 +57,17 @@ class FolderItem:
         return self.image.stem
 
 
+def check_unique_stems(paths, folder, consequence: str) -> None:
+    """ValueError for the first two files of `paths` with one stem (a.png, a.jpg), naming both and
+    `consequence` (formatted with `stem`): files matched or named by stem cannot tell them apart."""
+    seen = {}
+    for path in paths:
+        if path.stem in seen:
+            raise ValueError(f"{seen[path.stem].name} and {path.name} in {folder} share the name {path.stem!r}: "
+                             + consequence.format(stem=path.stem))
+        seen[path.stem] = path
+
+
 def list_folder(folder) -> list[FolderItem]:
     """The images of a training folder (sorted by file name) with their caption and mask files."""
     folder = Path(folder)
@@ -65,12 +76,8 @@ def list_folder(folder) -> list[FolderItem]:
     images = image_files(folder)
     if not images:
         raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the folder {folder}.")
-    stems = {}
-    for image in images:
-        if image.stem in stems:  # one caption and one mask would serve both
-            raise ValueError(f"{stems[image.stem].name} and {image.name} in {folder} share the name {image.stem!r}: "
-                             "their caption and mask are matched by name, so rename one of them.")
-        stems[image.stem] = image
+    # One caption and one mask would serve both.
+    check_unique_stems(images, folder, "their caption and mask are matched by name, so rename one of them.")
     mask_folder = folder / MASK_FOLDER
     preference = {ext: k for k, ext in enumerate(IMAGE_EXTENSIONS)}  # .png first, any case
     masks = {}
