@@ -242,7 +242,7 @@ def _grow(hole: np.ndarray, pixels: int) -> np.ndarray:
 
 
 def _mask_values(image: PIL.Image.Image) -> np.ndarray:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if _has_transparency(image):
         alpha = np.asarray(image.convert("RGBA").getchannel("A"))
         if alpha.min() < 255:
             return alpha.astype(np.float32)
@@ -319,10 +319,14 @@ def transparent_hole(path) -> PIL.Image.Image | None:
     ("L", 255 = fill), when it has any; else None. What an editor's eraser leaves, and what ComfyUI
     reads as the mask of a loaded image."""
     image = PIL.ImageOps.exif_transpose(_open_image(path, "image"))
-    if not (image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)):
-        return None
+    hole = erased_pixels(image) if _has_transparency(image) else None
+    return None if hole is None else PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L")
+
+
+def erased_pixels(image: PIL.Image.Image) -> np.ndarray | None:
+    """An (H, W) bool array of `image`'s transparent pixels (alpha below 128), or None where none is."""
     hole = np.asarray(image.convert("RGBA").getchannel("A")) < 128
-    return PIL.Image.fromarray((hole * 255).astype(np.uint8), mode="L") if hole.any() else None
+    return hole if hole.any() else None
 
 
 # ---------------------------------------------------------------------------------------------

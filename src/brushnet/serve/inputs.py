@@ -16,7 +16,7 @@ import PIL.ImageOps
 
 from ..arguments import check_text
 from ..inpaint import InpaintSettings
-from ..masks import as_rgb, load_mask, open_image
+from ..masks import as_rgb, erased_pixels, load_mask, open_image
 
 # Server-side bounds of the settings: the page's sliders stay inside them, but the API takes any
 # number, and one request for 100000 steps would hold the device for everyone.
@@ -156,8 +156,7 @@ def editor_erased(editor_value: dict | None) -> np.ndarray | None:
     background = (editor_value or {}).get("background")
     if background is None or not ("A" in background.getbands() or "transparency" in background.info):
         return None
-    erased = np.asarray(PIL.ImageOps.exif_transpose(background).convert("RGBA").getchannel("A")) < 128
-    return erased if erased.any() else None
+    return erased_pixels(PIL.ImageOps.exif_transpose(background))
 
 
 def combine_mask(size: tuple[int, int], strokes: np.ndarray | None, uploaded: PIL.Image.Image | None,
